@@ -1,0 +1,63 @@
+"""Transformer blocks shared by the reference models: plain PyTorch, export-friendly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate query/key/value/output projections (VeRA targets)."""
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.causal = causal
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.output = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        return x.view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if key_mask is not None:  # [batch, seq] of 0/1: masked keys get a large negative score
+            scores = scores + (1.0 - key_mask[:, None, None, :].to(scores.dtype)) * -1e9
+        if self.causal:
+            seq = x.shape[1]
+            future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, -1e9)
+        context = scores.softmax(-1) @ v
+        return self.output(context.transpose(1, 2).reshape(x.shape))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, causal: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attention = Attention(d_model, n_heads, causal)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), key_mask)
+        return x + self.ffn(self.norm2(x))

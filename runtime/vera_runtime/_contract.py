@@ -1,0 +1,124 @@
+"""The graph contract: what a vera-export ONNX graph promises, read from its metadata_props.
+
+See docs/contract.md. Both the exporter (which writes it) and the runtime (which reads it)
+go through this module, so the two can never disagree on a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+CONTRACT_VERSION = "1"
+
+_PREFIX = "vera."
+KEY_VERSION = _PREFIX + "contract_version"
+KEY_R = _PREFIX + "r"
+KEY_SEED = _PREFIX + "projection_prng_key"
+KEY_RECIPE = _PREFIX + "projection_recipe"
+KEY_LAYERS = _PREFIX + "layers"
+KEY_DEFAULT_TASK = _PREFIX + "default_task"
+KEY_FINGERPRINT = _PREFIX + "fingerprint"
+
+LAMBDA_D = "vera_lambda_d"
+LAMBDA_B = "vera_lambda_b"
+
+
+class ContractError(ValueError):
+    """A graph's metadata does not follow the vera-export contract."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One adapted layer: its module path and the shapes of its slices of A and B."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def lambda_d(self) -> str:
+        return f"{self.name}.{LAMBDA_D}"
+
+    @property
+    def lambda_b(self) -> str:
+        return f"{self.name}.{LAMBDA_B}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+    """What the graph's metadata says about its VeRA layers (contract version 1)."""
+
+    r: int
+    seed: int | None
+    recipe: str
+    layers: tuple[LayerSpec, ...]
+    default_task: str
+    fingerprint: str
+    version: str = CONTRACT_VERSION
+
+    def task_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-task tensor shapes, by graph input name, without the leading task dimension T."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self.layers:
+            shapes[layer.lambda_d] = (self.r,)
+            shapes[layer.lambda_b] = (layer.out_features,)
+        return shapes
+
+    def to_metadata(self) -> dict[str, str]:
+        layers = [dataclasses.asdict(layer) for layer in self.layers]
+        return {
+            KEY_VERSION: self.version,
+            KEY_R: str(self.r),
+            KEY_SEED: "" if self.seed is None else str(self.seed),
+            KEY_RECIPE: self.recipe,
+            KEY_LAYERS: json.dumps(layers, separators=(",", ":")),
+            KEY_DEFAULT_TASK: self.default_task,
+            KEY_FINGERPRINT: self.fingerprint,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], source: str = "the graph") -> Contract:
+        if KEY_VERSION not in metadata:
+            raise ContractError(
+                f"{source} carries no '{KEY_VERSION}' metadata: it was not written by vera-export."
+                " Export the model with `vera-export MODEL --out FILE.onnx`."
+            )
+        version = metadata[KEY_VERSION]
+        if version != CONTRACT_VERSION:
+            raise ContractError(
+                f"{source} follows graph contract version {version}; this vera-runtime reads"
+                f" version {CONTRACT_VERSION}. Upgrade vera-runtime or re-export the model."
+            )
+        try:
+            layers = tuple(LayerSpec(**entry) for entry in json.loads(metadata[KEY_LAYERS]))
+            seed = metadata[KEY_SEED]
+            return cls(
+                r=int(metadata[KEY_R]),
+                seed=int(seed) if seed else None,
+                recipe=metadata[KEY_RECIPE],
+                layers=layers,
+                default_task=metadata[KEY_DEFAULT_TASK],
+                fingerprint=metadata[KEY_FINGERPRINT],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{source} has malformed vera metadata ({exc!r}): re-export it.") from exc
+
+
+def fingerprint(vera_a: np.ndarray, vera_b: np.ndarray, layers: tuple[LayerSpec, ...]) -> str:
+    """SHA-256 of the shared projections and the layer table: what a task's vectors depend on.
+
+    Vectors trained against other A/B values, or for other layers, are meaningless for this graph.
+    """
+    digest = hashlib.sha256(b"vera-export fingerprint v1\0")
+    for array in (vera_a, vera_b):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    table = [dataclasses.astuple(layer) for layer in layers]
+    digest.update(json.dumps(table, separators=(",", ":")).encode())
+    return digest.hexdigest()

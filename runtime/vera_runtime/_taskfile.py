@@ -1,0 +1,150 @@
+"""Task files: one task's vectors, tagged with the fingerprint of the graph they belong to.
+
+Two formats carry the same tensors:
+- ``NAME.task.safetensors`` (native): tensors without the task dimension, e.g. ``(r,)``, plus
+  metadata with the task name and fingerprint;
+- ``NAME.onnx_adapter`` (ONNX Runtime's adapter format): tensors shaped as graph feeds, e.g.
+  ``(1, r)``, so plain ONNX Runtime can activate them with ``RunOptions.add_active_adapter``.
+  The format has no string metadata: the first 28 bits of the fingerprint go into its
+  ``model_version`` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ._contract import CONTRACT_VERSION, Contract
+from ._io import atomic_path, atomic_write_bytes
+
+TASK_SUFFIX = ".task.safetensors"
+ADAPTER_SUFFIX = ".onnx_adapter"
+_FORMAT = "vera-task"
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class TaskFileError(ValueError):
+    """A task file is missing, unreadable, or does not fit the graph."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task: its name, the graph fingerprint it was made for, and its tensors.
+
+    ``tensors`` maps graph input names to float32 arrays without the leading task dimension.
+    """
+
+    name: str
+    fingerprint: str
+    tensors: dict[str, np.ndarray]
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        raise TaskFileError(
+            f"task name {name!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.',"
+            " starting with a letter or digit."
+        )
+    return name
+
+
+def adapter_model_version(fingerprint: str) -> int:
+    """The part of a fingerprint that fits ONNX Runtime's adapter ``model_version`` field."""
+    return int(fingerprint[:7], 16)
+
+
+def check_task(task: Task, contract: Contract, source: str) -> None:
+    """Refuse a task whose fingerprint, tensor names, shapes, dtypes or values don't fit."""
+    if task.fingerprint != contract.fingerprint:
+        raise TaskFileError(
+            f"{source} was made for another graph (fingerprint {task.fingerprint[:12]}, this graph"
+            f" has {contract.fingerprint[:12]}): use the task files exported with this graph, or"
+            " re-export the task against it."
+        )
+    expected = contract.task_shapes()
+    missing = sorted(set(expected) - set(task.tensors))
+    unknown = sorted(set(task.tensors) - set(expected))
+    if missing or unknown:
+        detail = f"missing {missing[:3]}" if missing else f"unknown {unknown[:3]}"
+        raise TaskFileError(f"{source} does not match the graph's layers: {detail} tensors.")
+    for name, shape in expected.items():
+        array = task.tensors[name]
+        if array.dtype != np.float32 or array.shape != shape:
+            raise TaskFileError(
+                f"{source}: tensor '{name}' is {array.dtype}{list(array.shape)}, the graph needs"
+                f" float32{list(shape)}."
+            )
+        if not np.isfinite(array).all():
+            raise TaskFileError(f"{source}: tensor '{name}' holds NaN or Inf values.")
+
+
+def write_task(path: str | os.PathLike, task: Task) -> Path:
+    """Write ``task`` as a native task file (safetensors), atomically."""
+    from safetensors.numpy import save
+
+    check_task_name(task.name)
+    metadata = {
+        "format": _FORMAT,
+        "vera.contract_version": CONTRACT_VERSION,
+        "vera.task": task.name,
+        "vera.fingerprint": task.fingerprint,
+    }
+    tensors = {name: np.ascontiguousarray(array) for name, array in task.tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return Path(path)
+
+
+def read_task(path: str | os.PathLike, contract: Contract | None = None) -> Task:
+    """Read a native task file; with ``contract``, also refuse one that does not fit that graph."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(f"task file {path} does not exist.")
+    try:
+        with safe_open(path, framework="numpy") as reader:
+            metadata = reader.metadata() or {}
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TaskFileError(f"{path} is not a readable task file (truncated or corrupt?): {exc}") from exc
+    if metadata.get("format") != _FORMAT:
+        raise TaskFileError(f"{path} is a safetensors file but not a vera-export task file.")
+    task = Task(metadata.get("vera.task", ""), metadata.get("vera.fingerprint", ""), tensors)
+    if contract is not None:
+        check_task(task, contract, str(path))
+    return task
+
+
+def write_onnx_adapter(path: str | os.PathLike, task: Task) -> Path:
+    """Write ``task`` as an ONNX Runtime ``.onnx_adapter`` file (feeds shaped ``(1, n)``), atomically."""
+    import onnxruntime as ort
+
+    # OrtValue.ortvalue_from_numpy does not own its array: keep every array alive until written.
+    arrays = {name: np.ascontiguousarray(a, dtype=np.float32)[None] for name, a in task.tensors.items()}
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(int(CONTRACT_VERSION))
+    adapter.set_model_version(adapter_model_version(task.fingerprint))
+    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()})
+    with atomic_path(path) as tmp:
+        adapter.export_adapter(str(tmp))
+    return Path(path)
+
+
+def read_onnx_adapter(path: str | os.PathLike) -> tuple[int, dict[str, np.ndarray]]:
+    """Return an ``.onnx_adapter``'s model_version and its tensors, copied out of the reader."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(f"adapter file {path} does not exist.")
+    try:
+        adapter = ort.AdapterFormat.read_adapter(str(path))
+        # The arrays view memory owned by `adapter`: copy them before it goes away.
+        tensors = {name: np.array(v.numpy(), copy=True) for name, v in adapter.get_parameters().items()}
+        return adapter.get_model_version(), tensors
+    except Exception as exc:  # ORT raises bare RuntimeError/Fail for any bad file
+        raise TaskFileError(f"{path} is not a readable .onnx_adapter file: {exc}") from exc

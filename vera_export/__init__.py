@@ -1,0 +1,24 @@
+"""vera-export: VeRA-adapted PyTorch models to one ONNX graph, with each task's λ vectors as inputs."""
+
+from ._checkpoint import LoadedModel, load_model, save_checkpoint
+from ._errors import UntrustedFileError, VeraExportError
+from ._export import ExportResult, export
+from ._inputs import Dim, InputSpec
+from ._layer import VeraConfig, VeraLinear, apply_vera
+from ._verify import Verification
+
+__all__ = [
+    "Dim",
+    "ExportResult",
+    "InputSpec",
+    "LoadedModel",
+    "UntrustedFileError",
+    "Verification",
+    "VeraConfig",
+    "VeraExportError",
+    "VeraLinear",
+    "apply_vera",
+    "export",
+    "load_model",
+    "save_checkpoint",
+]

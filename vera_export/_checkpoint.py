@@ -1,0 +1,119 @@
+"""Load ``model.pt`` safely, and the project's own checkpoint format.
+
+``torch.load`` runs with ``weights_only=True`` and an allowlist of classes the project trusts;
+anything else needs the caller's explicit opt-in, because unpickling it runs code from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vera_runtime._io import atomic_path
+
+from ._errors import UntrustedFileError, VeraExportError
+from ._layer import PROJECTION_ATTR, VeraConfig, VeraLinear, VeraProjection, apply_vera
+
+FORMAT = "vera-export-checkpoint"
+VERSION = 1
+TRUST_FLAG = "--trust-pickle"
+
+
+def _trusted_classes() -> list:
+    import vera_models
+    from vera_models import _blocks
+
+    torch_classes = [
+        nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, nn.ModuleDict, nn.Sequential,
+        nn.Dropout, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity,
+    ]
+    ours = [VeraConfig, VeraLinear, VeraProjection, _blocks.Attention, _blocks.FeedForward, _blocks.Block]
+    models = [cls for entry in vera_models.ARCHITECTURES.values() for cls in entry[:2]]
+    return torch_classes + ours + models
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, task_name: str = "default") -> Path:
+    """Save a reference model (from ``vera_models``) as plain tensors and settings: no pickled code."""
+    projection = getattr(model, PROJECTION_ATTR, None)
+    if projection is None or not hasattr(model, "architecture") or not dataclasses.is_dataclass(model.config):
+        raise VeraExportError(
+            f"{type(model).__name__} is not a vera_models reference model with VeRA applied:"
+            " save other models with torch.save(model, path)."
+        )
+    vera = dataclasses.asdict(projection.config)
+    if not isinstance(vera["target_modules"], str):
+        vera["target_modules"] = list(vera["target_modules"])
+    checkpoint = {
+        "format": FORMAT, "version": VERSION, "architecture": model.architecture,
+        "config": dataclasses.asdict(model.config), "vera": vera, "task": task_name,
+        "state_dict": model.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    task_name: str | None
+
+
+def load_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> LoadedModel:
+    """Load a pickled VeRA module (``torch.save(model)``) or a vera-export checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise VeraExportError(f"model file {path} does not exist.")
+    obj = _unpickle(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), None)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _from_checkpoint(obj, path)
+    raise VeraExportError(
+        f"{path} holds a {type(obj).__name__}, not a model: save the whole module with"
+        " torch.save(model, path), or use vera_export.save_checkpoint."
+    )
+
+
+def _unpickle(path: Path, trust_pickle: bool):
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_trusted_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if blocked and not trust_pickle:
+            raise UntrustedFileError(
+                f"{path} needs class {blocked[1]}, which vera-export does not trust: unpickling it"
+                f" runs code from the file. If you trust {path.name}, rerun with {TRUST_FLAG}."
+            ) from None
+        raise VeraExportError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {exc}") from None
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise VeraExportError(
+            f"{path} needs code that cannot be imported here ({exc}): make the model's module"
+            " importable (pip install it, or run from its folder)."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise VeraExportError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {exc}") from None
+
+
+def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:
+    import vera_models
+
+    if checkpoint.get("version") != VERSION:
+        raise VeraExportError(f"{path} is checkpoint version {checkpoint.get('version')}; this vera-export reads {VERSION}.")
+    try:
+        model = vera_models.build_base(checkpoint["architecture"], checkpoint["config"])
+        apply_vera(model, VeraConfig(**checkpoint["vera"]))
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise VeraExportError(f"{path} is a damaged vera-export checkpoint: {exc}") from None
+    return LoadedModel(model.eval(), checkpoint.get("task"))

@@ -1,0 +1,152 @@
+"""Find the VeRA layers of a model, ours or PEFT's, and check they can share one graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ._errors import VeraExportError
+from ._layer import VeraLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedLayer:
+    """One VeRA layer as the exporter sees it, whatever library built it."""
+
+    name: str  # module path from the exported root: the prefix of its graph inputs
+    module: nn.Module
+    base: nn.Module
+    in_features: int
+    out_features: int
+    lambda_d: nn.Parameter
+    lambda_b: nn.Parameter
+    vera_a: torch.Tensor
+    vera_b: torch.Tensor
+    seed: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedModel:
+    layers: tuple[AdaptedLayer, ...]
+    vera_a: torch.Tensor
+    vera_b: torch.Tensor
+    seed: int | None
+    task_name: str
+
+    @property
+    def r(self) -> int:
+        return self.vera_a.shape[0]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _check_base(name: str, base: nn.Module) -> None:
+    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+        raise VeraExportError(
+            f"VeRA layer '{name}' wraps a {type(base).__name__}; only nn.Linear and transformers'"
+            " Conv1D can be exported: leave that layer out of target_modules."
+        )
+
+
+def _our_layer(name: str, module: VeraLinear) -> AdaptedLayer:
+    projection = module.projection
+    return AdaptedLayer(
+        name, module, module.base_layer, module.in_features, module.out_features,
+        module.vera_lambda_d, module.vera_lambda_b, projection.vera_A, projection.vera_B,
+        projection.seed,
+    )
+
+
+def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer:
+    if getattr(module, "merged", False):
+        raise VeraExportError(f"PEFT layer '{name}' is merged: call model.unmerge_adapter() before exporting.")
+    if getattr(module, "disable_adapters", False):
+        raise VeraExportError(f"PEFT layer '{name}' has adapters disabled: enable them before exporting.")
+    active = list(module.active_adapters)
+    if len(active) != 1:
+        raise VeraExportError(
+            f"PEFT layer '{name}' has {len(active)} active adapters {active}: activate exactly one"
+            " with model.set_adapter(NAME); the others become task files."
+        )
+    adapter = active[0]
+    config = getattr(root, "peft_config", {}).get(adapter)
+    seed = getattr(config, "projection_prng_key", None)
+    return AdaptedLayer(
+        name, module, module.get_base_layer(), module.in_features, module.out_features,
+        module.vera_lambda_d[adapter], module.vera_lambda_b[adapter],
+        module.vera_A[adapter], module.vera_B[adapter], seed,
+    )
+
+
+def _peft_kinds() -> tuple[type, type] | None:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.vera.layer import VeraLayer
+    except ImportError:
+        return None
+    return VeraLayer, BaseTunerLayer
+
+
+def _find_layers(model: nn.Module) -> list[AdaptedLayer]:
+    peft_kinds = _peft_kinds()
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, VeraLinear):
+            layers.append(_our_layer(name, module))
+        elif peft_kinds and isinstance(module, peft_kinds[0]):
+            layers.append(_peft_layer(name, module, model))
+        elif peft_kinds and isinstance(module, peft_kinds[1]):
+            raise VeraExportError(
+                f"layer '{name}' is a PEFT {type(module).__name__}, not VeRA: vera-export exports"
+                " only VeRA adapters (peft.VeraConfig)."
+            )
+    return layers
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x is y or (x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y))
+
+
+def _check_shared(layers: list[AdaptedLayer]) -> None:
+    first = layers[0]
+    for layer in layers[1:]:
+        if layer.lambda_d.shape != first.lambda_d.shape:
+            raise VeraExportError(
+                f"layers '{first.name}' (r={first.lambda_d.shape[0]}) and '{layer.name}'"
+                f" (r={layer.lambda_d.shape[0]}) have inconsistent r: one graph needs one r for"
+                " all layers; adapt the model again with a single VeraConfig."
+            )
+        if layer.seed != first.seed or not (_same(layer.vera_a, first.vera_a) and _same(layer.vera_b, first.vera_b)):
+            raise VeraExportError(
+                f"layers '{first.name}' (seed {first.seed}) and '{layer.name}' (seed {layer.seed})"
+                " use different A/B projections: one graph shares one A and one B; adapt the"
+                " model again with a single projection_prng_key."
+            )
+
+
+def find_vera_layers(model: nn.Module, task_name: str | None = None) -> AdaptedModel:
+    """Return every VeRA layer of ``model``, checked to share one r, one seed and one A/B."""
+    layers = _find_layers(model)
+    if not layers:
+        raise VeraExportError(
+            f"{type(model).__name__} has no VeRA layer: adapt it with vera_export.apply_vera or"
+            " peft.get_peft_model(model, peft.VeraConfig(...)) before exporting."
+        )
+    for layer in layers:
+        _check_base(layer.name, layer.base)
+    _check_shared(layers)
+    first = layers[0]
+    if any(l.in_features > first.vera_a.shape[1] or l.out_features > first.vera_b.shape[0] for l in layers):
+        raise VeraExportError("a VeRA layer is wider than the shared A/B: the checkpoint is inconsistent.")
+    default_name = task_name or _peft_adapter_name(first) or "default"
+    return AdaptedModel(tuple(layers), first.vera_a, first.vera_b, first.seed, default_name)
+
+
+def _peft_adapter_name(layer: AdaptedLayer) -> str | None:
+    if isinstance(layer.module, VeraLinear):
+        return None
+    return list(layer.module.active_adapters)[0]

@@ -1,0 +1,168 @@
+"""``export``: a VeRA model in, one ONNX graph plus the exported task's files out."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, LayerSpec, Task, fingerprint
+from vera_runtime import write_onnx_adapter, write_task
+from vera_runtime._io import atomic_path
+from vera_runtime._taskfile import check_task_name
+
+from . import _passes
+from ._discover import AdaptedModel, find_vera_layers
+from ._errors import VeraExportError
+from ._inputs import InputSpec, parse_specs
+from ._projection import RECIPE, make_projections
+from ._trace import flatten_outputs, lambda_names, trace_to_onnx
+from ._verify import Verification, verify_export
+
+DEFAULT_OPSET = 20
+DEFAULT_TOLERANCE = 1e-5
+_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps one file at 2 GiB: move weights out well before
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    task_path: Path
+    adapter_path: Path
+    contract: Contract
+    verification: Verification | None
+    seconds: float
+
+
+def task_paths(onnx_path: Path, task: str) -> tuple[Path, Path]:
+    """Where a graph's task files live: beside it, named ``<stem>.<task>.task.safetensors`` etc."""
+    stem = onnx_path.with_suffix("").name
+    return (onnx_path.with_name(f"{stem}.{task}{TASK_SUFFIX}"), onnx_path.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}"))
+
+
+def model_input_specs(model: nn.Module, inputs: Sequence[str | InputSpec] | None) -> list[InputSpec]:
+    """Input specs given by the caller, else the model's own ``vera_input_specs()``."""
+    if inputs:
+        return parse_specs(inputs)
+    describe = getattr(model, "vera_input_specs", None)
+    if describe is None:
+        raise VeraExportError(
+            f"{type(model).__name__} does not describe its inputs: pass them, e.g."
+            " --input input_ids:int64<1000:batch=2,sequence=8 (one --input per forward argument)."
+        )
+    return parse_specs(describe())
+
+
+def _check_writable(out: Path) -> None:
+    if out.is_dir():
+        raise VeraExportError(f"output path {out} is a directory: give a file name such as {out / 'model.onnx'}.")
+    if not out.parent.is_dir():
+        raise VeraExportError(f"cannot write {out}: directory {out.parent} does not exist; create it first.")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise VeraExportError(f"cannot write {out}: permission denied; choose another --out.")
+
+
+def _recipe(adapted: AdaptedModel) -> str:
+    """The seed recipe when it reproduces A and B, else a note that they were stored."""
+    if adapted.seed is not None:
+        vera_a, vera_b = make_projections(adapted.r, adapted.vera_a.shape[1], adapted.vera_b.shape[0], adapted.seed)
+        if torch.equal(vera_a, adapted.vera_a.cpu()) and torch.equal(vera_b, adapted.vera_b.cpu()):
+            return RECIPE
+    return "stored: A and B are not reproduced by the seed recipe; use the initializers vera_A and vera_B"
+
+
+def _contract(adapted: AdaptedModel) -> Contract:
+    layers = tuple(LayerSpec(l.name, l.in_features, l.out_features) for l in adapted.layers)
+    vera_a = adapted.vera_a.detach().cpu().numpy()
+    vera_b = adapted.vera_b.detach().cpu().numpy()
+    return Contract(
+        r=adapted.r, seed=adapted.seed, recipe=_recipe(adapted), layers=layers,
+        default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers),
+    )
+
+
+def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
+    """The λ values the model holds now, as a task of ``contract``'s graph."""
+    tensors = {}
+    for layer in adapted.layers:
+        tensors[f"{layer.name}.vera_lambda_d"] = layer.lambda_d.detach().float().cpu().numpy()
+        tensors[f"{layer.name}.vera_lambda_b"] = layer.lambda_b.detach().float().cpu().numpy()
+    return Task(adapted.task_name, contract.fingerprint, tensors)
+
+
+def _build_graph(model, adapted, specs, examples, opset, contract, task) -> ir.Model:
+    output_names = list(flatten_outputs(_eager(model, examples)))
+    graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset)
+    _passes.fold_constants(graph)
+    _passes.strip_trace_metadata(graph)
+    _passes.name_projections(graph, adapted.vera_a.detach().cpu().numpy(), adapted.vera_b.detach().cpu().numpy())
+    _passes.strip_prefix(graph, "model.")
+    _passes.add_task_defaults(graph, task.tensors)
+    _passes.set_metadata(graph, contract)
+    return graph
+
+
+def _eager(model: nn.Module, examples: dict[str, torch.Tensor]):
+    with torch.no_grad():
+        return model(**examples)
+
+
+def _save(graph: ir.Model, path: Path, final: Path) -> None:
+    nbytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+    external = f"{final.name}.data" if nbytes > _EXTERNAL_DATA_BYTES else None
+    ir.save(graph, path, external_data=external)
+
+
+def export(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    inputs: Sequence[str | InputSpec] | None = None,
+    task_name: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: Callable[[str], None] = lambda message: None,
+) -> ExportResult:
+    """Export a VeRA-adapted ``model`` (ours or PEFT's) to one ONNX graph at ``out``.
+
+    Writes ``out``, plus the exported task as ``<stem>.<task>.task.safetensors`` and
+    ``<stem>.<task>.onnx_adapter`` beside it. Nothing is left behind if any step fails.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    _check_writable(out)
+    specs = model_input_specs(model, inputs)
+    model.eval()
+    adapted = find_vera_layers(model, task_name)
+    check_task_name(adapted.task_name)
+    generator = torch.Generator().manual_seed(0)
+    examples = {spec.name: spec.example(generator) for spec in specs}
+    contract = _contract(adapted)
+    task = current_task(adapted, contract)
+    progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
+    graph = _build_graph(model, adapted, specs, examples, opset, contract, task)
+    task_path, adapter_path = task_paths(out, adapted.task_name)
+    verification = None
+    with atomic_path(out) as tmp:
+        _save(graph, tmp, out)
+        if verify:
+            progress("Verifying ONNX Runtime against PyTorch ...")
+            verification = verify_export(model, adapted, tmp, examples, tolerance)
+            if not verification.passed:
+                worst = verification.worst
+                raise VeraExportError(
+                    f"ONNX Runtime differs from PyTorch on '{worst.name}': max |diff| {worst.max_abs_diff:.3g}"
+                    f" for outputs of scale {worst.scale:.3g} (relative {worst.relative:.3g} > tolerance"
+                    f" {tolerance:g}); nothing was written. Raise --tolerance if this precision is expected."
+                )
+        write_task(task_path, task)
+        write_onnx_adapter(adapter_path, task)
+    return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)

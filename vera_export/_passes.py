@@ -1,0 +1,86 @@
+"""Transformations of the traced ONNX graph, in the order ``_export`` applies them.
+
+Each function is one in-place transformation of an ``onnx_ir.Model``, small enough to read whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer
+
+from vera_runtime import Contract
+
+from ._errors import VeraExportError
+
+_FOLDABLE_WEIGHT_BYTES = 128  # larger initializers are never folded into new copies
+
+
+def fold_constants(model: ir.Model) -> None:
+    """Fold shape arithmetic, but never a weight into a derived copy (a slice of A, a transposed W).
+
+    The exporter's default optimisation folds ``Slice(vera_A)`` into one copy per layer shape and
+    ``Transpose(W)`` into a copy of tied weights; ONNX Runtime folds those at session creation
+    instead, so the file keeps each tensor exactly once.
+    """
+
+    def should_fold(node: ir.Node) -> bool | None:
+        for value in node.inputs:
+            if value is not None and value.is_initializer() and value.const_value is not None:
+                if value.const_value.nbytes > _FOLDABLE_WEIGHT_BYTES:
+                    return False
+        return None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def strip_trace_metadata(model: ir.Model) -> None:
+    """Drop the per-node source locations and stack traces torch.export records (~1 KB a node)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()
+
+
+def _find_initializer(model: ir.Model, array: np.ndarray, label: str) -> ir.Value:
+    matches = [
+        value for value in model.graph.initializers.values()
+        if value.const_value is not None
+        and tuple(value.shape or ()) == array.shape
+        and np.array_equal(value.const_value.numpy(), array)
+    ]
+    if len(matches) != 1:
+        raise VeraExportError(
+            f"the traced graph holds {len(matches)} copies of {label}, not one: please report this"
+            " with your torch and onnxscript versions."
+        )
+    return matches[0]
+
+
+def name_projections(model: ir.Model, vera_a: np.ndarray, vera_b: np.ndarray) -> None:
+    """Give the one A and the one B initializer the contract's names, ``vera_A`` and ``vera_B``."""
+    for label, array in (("vera_A", vera_a), ("vera_B", vera_b)):
+        _find_initializer(model, array, label).name = label
+
+
+def strip_prefix(model: ir.Model, prefix: str) -> None:
+    """Drop the tracing wrapper's prefix from weight names, so they read as in the model's state dict."""
+    names = set(model.graph.initializers)
+    for value in list(model.graph.initializers.values()):
+        name = value.name or ""
+        if name.startswith(prefix) and name[len(prefix):] not in names:
+            value.name = name[len(prefix):]
+
+
+def add_task_defaults(model: ir.Model, tensors: dict[str, np.ndarray]) -> None:
+    """Give each task input a default initializer (shape ``[1, n]``) holding the exported task."""
+    inputs = {value.name: value for value in model.graph.inputs}
+    for name, array in tensors.items():
+        value = inputs[name]
+        value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32)[None], name=name)
+        model.graph.register_initializer(value)
+
+
+def set_metadata(model: ir.Model, contract: Contract) -> None:
+    model.metadata_props.update(contract.to_metadata())

@@ -1,0 +1,166 @@
+"""Trace a VeRA model into ONNX with every lambda as a named graph input of shape [T, n].
+
+The model's own VeRA layers (ours or PEFT's) are patched for the duration of the trace: each
+reads its lambdas from the wrapper's inputs instead of its parameters, and its A/B slices from
+the wrapper's single ``vera_A`` / ``vera_B`` buffers, so the graph stores each projection once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._discover import AdaptedLayer, AdaptedModel
+from ._errors import VeraExportError
+from ._inputs import Dim, InputSpec, dynamic_shapes
+
+TASK_DIM = "tasks"
+_TASKS_EXAMPLE = 3  # >= 2 so torch.export keeps T symbolic, and unlike any batch size we trace at
+
+
+def flatten_outputs(output) -> dict[str, torch.Tensor]:
+    """Name a model's tensor outputs: mapping keys (e.g. transformers' ModelOutput) or positions."""
+    if isinstance(output, torch.Tensor):
+        return {"output": output}
+    if isinstance(output, Mapping):
+        items = output.items()
+    elif isinstance(output, Sequence):
+        items = ((f"output_{i}", value) for i, value in enumerate(output))
+    else:
+        raise VeraExportError(f"the model returned a {type(output).__name__}: return tensors, a tuple or a dict.")
+    return {name: value for name, value in items if isinstance(value, torch.Tensor)}
+
+
+def _per_row(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a [T, n] lambda over x's batch rows: T = 1 (one task) or T = batch (a task per row).
+
+    Rows are gathered explicitly: broadcasting lam[:, None] would make torch.export unify T with
+    the batch size, and the graph would then refuse T = 1.
+    """
+    if x.dim() == 1:
+        return lam[0]
+    # T as a tensor: the ONNX translation of `% SymInt` (aten.remainder.Scalar) fails.
+    tasks = torch.scalar_tensor(lam.shape[0], dtype=torch.long, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device) % tasks
+    return lam[rows].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
+
+
+class _Tracer(nn.Module):
+    def __init__(self, model: nn.Module, adapted: AdaptedModel, input_names: list[str], output_names: list[str]):
+        super().__init__()
+        self.model = model
+        # The same tensor objects the model holds: torch.export sees aliases, not copies.
+        self.register_buffer("vera_A", adapted.vera_a)
+        self.register_buffer("vera_B", adapted.vera_b)
+        self.input_names = input_names
+        self.output_names = output_names
+        self.lambdas: tuple[torch.Tensor, ...] = ()
+
+    def run(self, inputs: tuple[torch.Tensor, ...], lambdas: tuple[torch.Tensor, ...]):
+        self.lambdas = lambdas
+        try:
+            outputs = flatten_outputs(self.model(**dict(zip(self.input_names, inputs))))
+        finally:
+            self.lambdas = ()
+        return tuple(outputs[name] for name in self.output_names)
+
+    def vera_forward(self, index: int, layer: AdaptedLayer):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            lambda_d, lambda_b = self.lambdas[2 * index], self.lambdas[2 * index + 1]
+            vera_a = self.vera_A[:, : layer.in_features]
+            vera_b = self.vera_B[: layer.out_features, :]
+            hidden = _per_row(lambda_d, x) * F.linear(x.to(lambda_d.dtype), vera_a)
+            return layer.base(x) + _per_row(lambda_b, x) * F.linear(hidden, vera_b)
+
+        return forward
+
+
+def _tracer_class(n_inputs: int, n_lambdas: int) -> type[_Tracer]:
+    """A _Tracer subclass whose forward has one named parameter per graph input.
+
+    torch.export's dynamic shapes do not work through ``*args``, so the signature is generated.
+    """
+    inputs = [f"input_{i}" for i in range(n_inputs)]
+    lambdas = [f"lambda_{i}" for i in range(n_lambdas)]
+    source = (
+        f"def forward(self, {', '.join(inputs + lambdas)}):\n"
+        f"    return self.run(({''.join(n + ', ' for n in inputs)}), ({''.join(n + ', ' for n in lambdas)}))\n"
+    )
+    namespace: dict = {}
+    exec(source, namespace)  # noqa: S102 - the source is built above from integers only
+    return type("VeraTracer", (_Tracer,), {"forward": namespace["forward"]})
+
+
+@contextlib.contextmanager
+def _patched(tracer: _Tracer, layers: tuple[AdaptedLayer, ...]) -> Iterator[None]:
+    for index, layer in enumerate(layers):
+        layer.module.forward = tracer.vera_forward(index, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.module.forward
+
+
+def lambda_names(adapted: AdaptedModel) -> list[str]:
+    return [name for l in adapted.layers for name in (f"{l.name}.vera_lambda_d", f"{l.name}.vera_lambda_b")]
+
+
+def trace_to_onnx(
+    model: nn.Module,
+    adapted: AdaptedModel,
+    specs: list[InputSpec],
+    examples: list[torch.Tensor],
+    output_names: list[str],
+    opset: int,
+) -> ir.Model:
+    """Export ``model`` with torch.export; λ inputs come after the model inputs, d then b per layer."""
+    if any(isinstance(d, Dim) and d.name == TASK_DIM for s in specs for d in s.dims):
+        raise VeraExportError(f"the dimension name '{TASK_DIM}' is reserved for the task dimension of λ inputs.")
+    generator = torch.Generator().manual_seed(0)
+    lambdas = []
+    for layer in adapted.layers:
+        for param in (layer.lambda_d, layer.lambda_b):
+            lambdas.append(torch.randn((_TASKS_EXAMPLE, param.shape[0]), generator=generator, dtype=param.dtype))
+    tasks = torch.export.Dim(TASK_DIM, min=1)
+    shapes = dynamic_shapes(specs) + [{0: tasks}] * len(lambdas)
+    tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
+    with _patched(tracer, adapted.layers), _quiet():
+        program = torch.onnx.export(
+            tracer.eval(),
+            tuple(examples + lambdas),
+            input_names=[s.name for s in specs] + lambda_names(adapted),
+            output_names=output_names,
+            opset_version=opset,
+            dynamic_shapes=tuple(shapes),
+            dynamo=True,
+            verbose=False,
+            optimize=False,
+        )
+    if program is None:
+        raise VeraExportError("torch.onnx.export returned no program.")
+    return program.model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export and onnxscript log and warn freely; the CLI shows its own progress instead."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
