@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
 from ._inputs import InputSpec, parse_specs
 from ._projection import RECIPE, make_projections
-from ._trace import flatten_outputs, lambda_names, trace_to_onnx
+from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
 DEFAULT_OPSET = 20
@@ -120,6 +120,29 @@ def _save(graph: ir.Model, path: Path, final: Path) -> None:
     ir.save(graph, path, external_data=external)
 
 
+def _require_pass(verification: Verification) -> Verification:
+    if not verification.passed:
+        worst = verification.worst
+        raise VeraExportError(
+            f"ONNX Runtime differs from PyTorch on '{worst.name}': max |diff| {worst.max_abs_diff:.3g}"
+            f" for outputs of scale {worst.scale:.3g} (relative {worst.relative:.3g} > tolerance"
+            f" {verification.tolerance:g}); nothing was written. Raise --tolerance if this is expected."
+        )
+    return verification
+
+
+def _write_all(graph: ir.Model, task: Task, paths: tuple[Path, Path, Path], check) -> Verification | None:
+    """Write the graph and both task files under temporary names; rename them only if all succeed
+    (and ``check``, given the temporary graph, passes)."""
+    with contextlib.ExitStack() as stack:
+        tmp_out, tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
+        _save(graph, tmp_out, paths[0])
+        verification = check(tmp_out) if check else None
+        write_task(tmp_task, task)
+        write_onnx_adapter(tmp_adapter, task)
+    return verification
+
+
 def export(
     model: nn.Module,
     out: str | os.PathLike,
@@ -150,19 +173,13 @@ def export(
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
     graph = _build_graph(model, adapted, specs, examples, opset, contract, task)
     task_path, adapter_path = task_paths(out, adapted.task_name)
-    verification = None
-    with atomic_path(out) as tmp:
-        _save(graph, tmp, out)
-        if verify:
-            progress("Verifying ONNX Runtime against PyTorch ...")
-            verification = verify_export(model, adapted, tmp, examples, tolerance)
-            if not verification.passed:
-                worst = verification.worst
-                raise VeraExportError(
-                    f"ONNX Runtime differs from PyTorch on '{worst.name}': max |diff| {worst.max_abs_diff:.3g}"
-                    f" for outputs of scale {worst.scale:.3g} (relative {worst.relative:.3g} > tolerance"
-                    f" {tolerance:g}); nothing was written. Raise --tolerance if this precision is expected."
-                )
-        write_task(task_path, task)
-        write_onnx_adapter(adapter_path, task)
+
+    def check(path: Path) -> Verification:
+        progress("Verifying ONNX Runtime against PyTorch ...")
+        return _require_pass(verify_export(model, adapted, path, examples, tolerance))
+
+    try:
+        verification = _write_all(graph, task, (out, task_path, adapter_path), check if verify else None)
+    except OSError as exc:
+        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)

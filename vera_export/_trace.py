@@ -133,7 +133,7 @@ def trace_to_onnx(
     tasks = torch.export.Dim(TASK_DIM, min=1)
     shapes = dynamic_shapes(specs) + [{0: tasks}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
-    with _patched(tracer, adapted.layers), _quiet():
+    with _patched(tracer, adapted.layers), _quiet(), _as_export_error("torch.export could not trace the model"):
         program = torch.onnx.export(
             tracer.eval(),
             tuple(examples + lambdas),
@@ -148,6 +148,15 @@ def trace_to_onnx(
     if program is None:
         raise VeraExportError("torch.onnx.export returned no program.")
     return program.model
+
+
+@contextlib.contextmanager
+def _as_export_error(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        summary = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise VeraExportError(f"{what}: {summary} (rerun with --verbose for the full report)") from exc
 
 
 @contextlib.contextmanager

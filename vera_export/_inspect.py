@@ -1,0 +1,111 @@
+"""``inspect``: what a vera-export graph promises, and which task files beside it fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import onnx
+
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, ContractError, TaskFileError
+from vera_runtime import read_onnx_adapter, read_task
+from vera_runtime._taskfile import adapter_model_version
+
+from ._errors import VeraExportError
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFound:
+    path: Path
+    name: str
+    fits: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphReport:
+    path: Path
+    contract: Contract
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+    projection_bytes: int
+    task_default_bytes: int
+    base_bytes: int
+    tasks: tuple[TaskFound, ...]
+
+    def format(self) -> str:
+        c = self.contract
+        lines = [
+            f"{self.path}  (graph contract v{c.version}, fingerprint {c.fingerprint[:12]})",
+            f"  r={c.r}  projection seed={c.seed}  default task={c.default_task!r}",
+            f"  recipe: {c.recipe}",
+            f"  bytes: base weights {self.base_bytes:,}; vera_A + vera_B {self.projection_bytes:,};"
+            f" default task {self.task_default_bytes:,}",
+            "  model inputs:",
+            *(f"    {name} {shape}" for name, shape in self.inputs.items()),
+            "  outputs:",
+            *(f"    {name} {shape}" for name, shape in self.outputs.items()),
+            f"  {len(c.layers)} adapted layers (inputs <layer>.vera_lambda_d [tasks, {c.r}],"
+            " <layer>.vera_lambda_b [tasks, out]):",
+            *(f"    {l.name}  in={l.in_features} out={l.out_features}" for l in c.layers),
+            "  task files beside it:",
+            *(f"    {t.path.name}  task={t.name!r}" + ("" if t.fits else "  (for another graph)") for t in self.tasks),
+        ]
+        if not self.tasks:
+            lines.append("    none")
+        return "\n".join(lines)
+
+
+def _shape(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _tensor_bytes(tensor) -> int:
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return len(tensor.raw_data) or tensor.ByteSize()
+
+
+def _tasks_beside(path: Path, contract: Contract) -> tuple[TaskFound, ...]:
+    found = []
+    for candidate in sorted(path.parent.iterdir()):
+        try:
+            if candidate.name.endswith(TASK_SUFFIX):
+                task = read_task(candidate)
+                found.append(TaskFound(candidate, task.name, task.fingerprint == contract.fingerprint))
+            elif candidate.name.endswith(ADAPTER_SUFFIX):
+                version, _ = read_onnx_adapter(candidate)
+                name = candidate.name[: -len(ADAPTER_SUFFIX)].rpartition(".")[2] or candidate.name
+                found.append(TaskFound(candidate, name, version == adapter_model_version(contract.fingerprint)))
+        except TaskFileError:
+            continue  # unreadable files are not tasks of this graph
+    return tuple(found)
+
+
+def inspect_graph(path: str | os.PathLike) -> GraphReport:
+    path = Path(path)
+    if not path.is_file():
+        raise VeraExportError(f"graph file {path} does not exist.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise VeraExportError(f"{path} is not a readable ONNX file: {exc}") from None
+    try:
+        contract = Contract.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))
+    except ContractError as exc:
+        raise VeraExportError(str(exc)) from None
+    task_inputs = set(contract.task_shapes())
+    sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
+    projection = sizes.get("vera_A", 0) + sizes.get("vera_B", 0)
+    defaults = sum(sizes.get(name, 0) for name in task_inputs)
+    return GraphReport(
+        path=path,
+        contract=contract,
+        inputs={i.name: _shape(i) for i in model.graph.input if i.name not in task_inputs},
+        outputs={o.name: _shape(o) for o in model.graph.output},
+        projection_bytes=projection,
+        task_default_bytes=defaults,
+        base_bytes=sum(sizes.values()) - projection - defaults,
+        tasks=_tasks_beside(path, contract),
+    )

@@ -1,0 +1,106 @@
+"""The ``vera-export`` command: a thin click layer over the library API."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import click
+
+from vera_runtime import ContractError, TaskFileError
+
+from ._checkpoint import TRUST_FLAG, load_model
+from ._errors import VeraExportError
+from ._export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export
+from ._inspect import inspect_graph
+
+_EXPECTED = (VeraExportError, TaskFileError, ContractError)
+
+
+class _ExportByDefault(click.Group):
+    """``vera-export MODEL --out FILE`` means ``vera-export export MODEL --out FILE``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+
+def _errors_as_messages(command):
+    """One line on stderr and exit 1 for any failure; the traceback only with --verbose."""
+
+    @functools.wraps(command)
+    def wrapper(*args, verbose: bool, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except _EXPECTED as exc:
+            if verbose:
+                raise
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            if verbose:
+                raise
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                " (rerun with --verbose for the traceback)"
+            ) from None
+
+    return click.option("--verbose", is_flag=True, help="Show tracebacks and library warnings.")(wrapper)
+
+
+def _progress(start: float):
+    return lambda message: click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
+
+
+@click.group(cls=_ExportByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vera-export")
+def main() -> None:
+    """Export VeRA-adapted PyTorch models to one ONNX graph whose task vectors are inputs.
+
+    \b
+      vera-export MODEL.pt --out m.onnx     export (same as `vera-export export ...`)
+      vera-export inspect m.onnx            show a graph's contract and its task files
+    """
+
+
+@main.command("export")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@click.option("--input", "inputs", multiple=True, metavar="SPEC",
+              help="A forward argument as NAME:DTYPE[<HIGH]:DIMS, e.g. input_ids:int64<1000:batch=2,sequence=8;"
+                   " repeat per argument. Needed when the model has no vera_input_specs().")
+@click.option("--task-name", help="Name of the exported task (default: the checkpoint's or PEFT adapter's, else 'default').")
+@click.option("--opset", type=click.IntRange(18, 23), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TOLERANCE, show_default=True,
+              help="Largest ORT-vs-PyTorch difference accepted, relative to the outputs' largest magnitude.")
+@click.option("--no-verify", is_flag=True, help="Skip running the graph in ONNX Runtime against PyTorch.")
+@click.option(TRUST_FLAG, "trust_pickle", is_flag=True,
+              help="Allow a pickle that needs classes outside the allowlist. Runs code from the file: only for files you trust.")
+@_errors_as_messages
+def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, trust_pickle) -> None:
+    """Export MODEL (torch.save(model) or a vera-export checkpoint) to one ONNX graph plus task files."""
+    progress = _progress(time.perf_counter())
+    progress(f"Loading {model_path} ...")
+    loaded = load_model(model_path, trust_pickle=trust_pickle)
+    result = export(
+        loaded.model, out, inputs=inputs or None, task_name=task_name or loaded.task_name,
+        opset=opset, verify=not no_verify, tolerance=tolerance, progress=progress,
+    )
+    if result.verification is not None:
+        for check in result.verification.checks:
+            click.echo(f"  {check.name}: max |diff| {check.max_abs_diff:.2e} (outputs up to {check.scale:.3g})", err=True)
+    click.echo(f"Wrote {result.onnx_path} ({len(result.contract.layers)} VeRA layers, r={result.contract.r})")
+    click.echo(f"Wrote task '{result.contract.default_task}': {result.task_path} and {result.adapter_path}")
+
+
+@main.command("inspect")
+@click.argument("graph_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False))
+@_errors_as_messages
+def inspect_command(graph_path) -> None:
+    """Print a graph's contract: layers, r, seed, inputs, bytes, and the task files beside it."""
+    click.echo(inspect_graph(graph_path).format())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
