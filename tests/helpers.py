@@ -1,0 +1,95 @@
+"""Shared test helpers: build models, run graphs, compare with PyTorch."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from vera_export._discover import AdaptedModel, find_vera_layers
+from vera_export._verify import lambdas_set, random_task, torch_outputs
+
+TOLERANCE = 1e-5
+
+
+class CustomNet(nn.Module):
+    """A class outside vera-export's allowlist: loading its pickle needs --trust-pickle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@dataclasses.dataclass
+class Exported:
+    """A model, its exported graph and what the exporter returned."""
+
+    model: nn.Module
+    adapted: AdaptedModel
+    result: object
+    specs: list
+
+    @property
+    def path(self) -> Path:
+        return self.result.onnx_path
+
+
+def session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, feeds: dict, run_options=None) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds, run_options)))
+
+
+def inputs_for(exported: Exported, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs at a batch and sequence length other than the traced ones."""
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for spec in exported.specs:
+        shape = [batch, seq][: len(spec.dims)]
+        high = spec.high or 2
+        feeds[spec.name] = torch.randint(0, high, shape, generator=generator)
+        if spec.name == "attention_mask":
+            feeds[spec.name][:, 0] = 1  # at least one visible token per row
+    return feeds
+
+
+def task_of(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
+    """The λ values the model holds now."""
+    return {
+        f"{l.name}.vera_lambda_{k}": getattr(l, f"lambda_{k}").detach().clone()
+        for l in adapted.layers for k in "db"
+    }
+
+
+def torch_reference(exported: Exported, feeds: dict, task: dict | None = None) -> dict[str, np.ndarray]:
+    """The model's own forward (ours or PEFT's) with ``task``'s λ loaded into its parameters."""
+    with lambdas_set(exported.adapted, task) if task else contextlib.nullcontext():
+        return torch_outputs(exported.model, feeds)
+
+
+def as_feeds(task: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: value.numpy()[None] for name, value in task.items()}
+
+
+def max_relative_diff(got: dict, want: dict) -> float:
+    scale = max(float(np.abs(v).max()) for v in want.values())
+    return max(float(np.abs(got[k] - want[k]).max()) for k in want) / scale
+
+
+__all__ = [
+    "CustomNet", "Exported", "TOLERANCE", "as_feeds", "find_vera_layers", "inputs_for",
+    "max_relative_diff", "random_task", "run", "session", "task_of", "torch_reference",
+]
