@@ -100,9 +100,10 @@ def _find_layers(model: nn.Module) -> list[AdaptedLayer]:
         elif peft_kinds and isinstance(module, peft_kinds[0]):
             layers.append(_peft_layer(name, module, model))
         elif peft_kinds and isinstance(module, peft_kinds[1]):
+            tuner = type(module).__module__.split(".")[-2]  # peft.tuners.<tuner>.layer
             raise VeraExportError(
-                f"layer '{name}' is a PEFT {type(module).__name__}, not VeRA: vera-export exports"
-                " only VeRA adapters (peft.VeraConfig)."
+                f"layer '{name}' is a PEFT {tuner} layer, not VeRA: vera-export exports only VeRA"
+                " adapters (peft.VeraConfig)."
             )
     return layers
 

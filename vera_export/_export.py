@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,12 +62,16 @@ def model_input_specs(model: nn.Module, inputs: Sequence[str | InputSpec] | None
 
 
 def _check_writable(out: Path) -> None:
+    """Fail before the slow trace, with a probe file: permission bits don't tell (e.g. for root)."""
     if out.is_dir():
         raise VeraExportError(f"output path {out} is a directory: give a file name such as {out / 'model.onnx'}.")
     if not out.parent.is_dir():
         raise VeraExportError(f"cannot write {out}: directory {out.parent} does not exist; create it first.")
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise VeraExportError(f"cannot write {out}: permission denied; choose another --out.")
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
 
 
 def _recipe(adapted: AdaptedModel) -> str:

@@ -1,0 +1,156 @@
+"""The vera-export command: a working export and inspect, and a clean failure for each bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import vera_models
+from helpers import CustomNet
+from vera_export import VeraConfig, VeraExportError, apply_vera, save_checkpoint
+from vera_export.cli import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(result, out_dir, *fragments: str) -> None:
+    """Non-zero exit, exactly one 'Error:' line that names the problem, no traceback, no files."""
+    assert result.exit_code != 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0]
+    left = [p.name for p in out_dir.iterdir() if p.suffix in (".onnx", ".tmp", ".onnx_adapter", ".safetensors")]
+    assert left == []
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "encoder.pt"
+    return save_checkpoint(vera_models.make_task(vera_models.build("tiny-encoder"), 1), path, task_name="sentiment")
+
+
+def test_export_then_inspect(checkpoint, decoder, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = invoke(checkpoint, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "random λ fed as inputs: max |diff|" in result.stderr
+    assert (tmp_path / "m.sentiment.task.safetensors").is_file()
+    assert (tmp_path / "m.sentiment.onnx_adapter").is_file()
+    (tmp_path / "other.default.task.safetensors").write_bytes(decoder.result.task_path.read_bytes())
+    report = invoke("inspect", out)
+    assert report.exit_code == 0, report.output
+    for expected in ("r=64", "projection seed=0", "default task='sentiment'", "blocks.1.attention.value  in=128 out=128",
+                     "input_ids ['batch', 'sequence']", "m.sentiment.task.safetensors  task='sentiment'",
+                     "other.default.task.safetensors  task='default'  (for another graph)", "vera_A + vera_B 65,536"):
+        assert expected in report.output
+
+
+def test_help_everywhere():
+    for args in ([], ["export"], ["inspect"]):
+        result = invoke(*args, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_missing_file(tmp_path):
+    assert_clean_failure(invoke(tmp_path / "nope.pt", "--out", tmp_path / "m.onnx"), tmp_path, "nope.pt does not exist")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_truncated_or_corrupt_model(checkpoint, tmp_path, damage):
+    data = checkpoint.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x80\x02garbage" * 100)
+    assert_clean_failure(invoke(bad, "--out", tmp_path / "m.onnx"), tmp_path, "bad.pt is not a readable PyTorch file")
+
+
+def test_pickle_needing_untrusted_code_is_refused_then_loads_when_trusted(tmp_path):
+    model = CustomNet()
+    apply_vera(model, VeraConfig(["proj"], r=4))
+    path = tmp_path / "custom.pt"
+    torch.save(model, path)
+    out = tmp_path / "m.onnx"
+    assert_clean_failure(invoke(path, "--out", out, "--input", "x:float32:batch=2,8"),
+                         tmp_path, "needs class helpers.CustomNet", "rerun with --trust-pickle")
+    result = invoke(path, "--out", out, "--input", "x:float32:batch=2,8", "--trust-pickle")
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_model_without_vera_layer(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save(vera_models.build_base("tiny-encoder"), path)
+    assert_clean_failure(invoke(path, "--out", tmp_path / "m.onnx"), tmp_path,
+                         "TinyEncoderClassifier has no VeRA layer", "apply_vera")
+
+
+def test_unsupported_layer_type(tmp_path):
+    with pytest.raises(VeraExportError, match="layer 'conv' is Conv2d; VeRA adapts only nn.Linear"):
+        apply_vera(nn.ModuleDict({"conv": nn.Conv2d(3, 3, 3)}), VeraConfig(["conv"], r=4))
+    model = nn.Sequential(nn.Linear(8, 8))
+    apply_vera(model, VeraConfig(["0"], r=4))
+    model[0].base_layer = nn.Embedding(8, 8)  # a VeRA layer around something we cannot export
+    path = tmp_path / "odd.pt"
+    torch.save(model, path)
+    assert_clean_failure(invoke(path, "--out", tmp_path / "m.onnx", "--input", "x:int64<8:batch=2"), tmp_path,
+                         "VeRA layer '0' wraps a Embedding")
+
+
+def _two_projections(tmp_path, first: VeraConfig, second: VeraConfig):
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8)), nn.Sequential(nn.Linear(8, 8)))
+    apply_vera(model[0], first)
+    apply_vera(model[1], second)
+    path = tmp_path / "mixed.pt"
+    torch.save(model, path)
+    return invoke(path, "--out", tmp_path / "m.onnx", "--input", "x:float32:batch=2,8")
+
+
+def test_layers_with_inconsistent_r(tmp_path):
+    result = _two_projections(tmp_path, VeraConfig(["0"], r=4), VeraConfig(["0"], r=8))
+    assert_clean_failure(result, tmp_path, "layers '0.0' (r=4) and '1.0' (r=8) have inconsistent r")
+
+
+def test_layers_with_inconsistent_seed(tmp_path):
+    result = _two_projections(tmp_path, VeraConfig(["0"], r=4), VeraConfig(["0"], r=4, projection_prng_key=1))
+    assert_clean_failure(result, tmp_path, "'0.0' (seed 0) and '1.0' (seed 1) use different A/B projections")
+
+
+def test_peft_lora_is_not_vera(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(target_modules=["0"], r=2))
+    path = tmp_path / "lora.pt"
+    torch.save(model, path)
+    result = invoke(path, "--out", tmp_path / "m.onnx", "--input", "x:float32:batch=2,8", "--trust-pickle")
+    assert_clean_failure(result, tmp_path, "layer 'base_model.model.0' is a PEFT lora layer, not VeRA")
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("missing-dir/m.onnx", "directory"),
+        ("a-directory", "is a directory"),
+        ("/proc/m.onnx", "cannot write /proc/m.onnx"),
+    ],
+)
+def test_unwritable_output(checkpoint, tmp_path, out, message):
+    (tmp_path / "a-directory").mkdir()
+    target = out if out.startswith("/") else tmp_path / out
+    assert_clean_failure(invoke(checkpoint, "--out", target, "--no-verify"), tmp_path, message)
+
+
+def test_failed_verification_leaves_nothing(checkpoint, tmp_path):
+    result = invoke(checkpoint, "--out", tmp_path / "m.onnx", "--tolerance", "1e-12")
+    assert_clean_failure(result, tmp_path, "ONNX Runtime differs from PyTorch", "nothing was written")
+
+
+def test_bad_input_spec(checkpoint, tmp_path):
+    result = invoke(checkpoint, "--out", tmp_path / "m.onnx", "--input", "input_ids:int64:batch=1,8")
+    assert_clean_failure(result, tmp_path, "symbolic dimension 'batch' must be traced at size >= 2")
+    result = invoke(checkpoint, "--out", tmp_path / "m.onnx", "--input", "input_ids")
+    assert_clean_failure(result, tmp_path, "bad input spec 'input_ids'")
