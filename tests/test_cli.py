@@ -154,3 +154,17 @@ def test_bad_input_spec(checkpoint, tmp_path):
     assert_clean_failure(result, tmp_path, "symbolic dimension 'batch' must be traced at size >= 2")
     result = invoke(checkpoint, "--out", tmp_path / "m.onnx", "--input", "input_ids")
     assert_clean_failure(result, tmp_path, "bad input spec 'input_ids'")
+
+
+def test_task_command_adds_a_task_and_refuses_another_graphs_model(checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert invoke(checkpoint, "--out", out, "--no-verify").exit_code == 0
+    other = save_checkpoint(vera_models.make_task(vera_models.build("tiny-encoder"), 7), tmp_path / "o.pt", "topic")
+    result = invoke("task", other, "--graph", out)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.topic.task.safetensors").is_file() and (tmp_path / "m.topic.onnx_adapter").is_file()
+    foreign = save_checkpoint(vera_models.make_task(vera_models.build("tiny-decoder"), 7), tmp_path / "d.pt", "lm")
+    result = invoke("task", foreign, "--graph", out)
+    assert result.exit_code == 1
+    assert "do not fit" in result.stderr and "export it as its own graph" in result.stderr
+    assert not (tmp_path / "m.lm.task.safetensors").exists()

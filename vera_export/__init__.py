@@ -2,7 +2,7 @@
 
 from ._checkpoint import LoadedModel, load_model, save_checkpoint
 from ._errors import UntrustedFileError, VeraExportError
-from ._export import ExportResult, export
+from ._export import ExportResult, add_task, export, read_contract
 from ._inputs import Dim, InputSpec
 from ._layer import VeraConfig, VeraLinear, apply_vera
 from ._verify import Verification
@@ -17,8 +17,10 @@ __all__ = [
     "VeraConfig",
     "VeraExportError",
     "VeraLinear",
+    "add_task",
     "apply_vera",
     "export",
     "load_model",
+    "read_contract",
     "save_checkpoint",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 from torch import nn
@@ -83,11 +84,13 @@ def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer:
 
 
 def _peft_kinds() -> tuple[type, type] | None:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.tuners.vera.layer import VeraLayer
-    except ImportError:
+    """PEFT's layer base classes, if PEFT is loaded: a PEFT model cannot exist without it, and
+    importing it (with transformers) would cost seconds for every other model."""
+    if "peft" not in sys.modules:
         return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.vera.layer import VeraLayer
+
     return VeraLayer, BaseTunerLayer
 
 

@@ -188,3 +188,45 @@ def export(
     except OSError as exc:
         raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)
+
+
+def read_contract(graph_path: str | os.PathLike) -> Contract:
+    """The contract in a vera-export graph's metadata (the weights are not loaded)."""
+    import onnx
+
+    graph_path = Path(graph_path)
+    if not graph_path.is_file():
+        raise VeraExportError(f"graph file {graph_path} does not exist.")
+    try:
+        proto = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise VeraExportError(f"{graph_path} is not a readable ONNX file: {exc}") from None
+    return Contract.from_metadata({p.key: p.value for p in proto.metadata_props}, str(graph_path))
+
+
+def add_task(model: nn.Module, graph: str | os.PathLike, task_name: str | None = None) -> tuple[Path, Path]:
+    """Write ``model``'s current λ as another task of an exported graph, beside it.
+
+    The model must share the graph's A, B and layers (same fingerprint): typically the same base
+    model fine-tuned on another task. Returns the task file and the ``.onnx_adapter`` paths.
+    """
+    graph = Path(graph)
+    contract = read_contract(graph)
+    adapted = find_vera_layers(model, task_name)
+    check_task_name(adapted.task_name)
+    mine = _contract(adapted)
+    if mine.fingerprint != contract.fingerprint:
+        raise VeraExportError(
+            f"this model's VeRA layers do not fit {graph} (fingerprint {mine.fingerprint[:12]}, the graph"
+            f" has {contract.fingerprint[:12]}): its A/B, r or adapted layers differ; export it as its own graph."
+        )
+    task = current_task(adapted, contract)
+    paths = task_paths(graph, adapted.task_name)
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
+            write_task(tmp_task, task)
+            write_onnx_adapter(tmp_adapter, task)
+    except OSError as exc:
+        raise VeraExportError(f"cannot write {paths[0]}: {exc.strerror or exc}.") from None
+    return paths

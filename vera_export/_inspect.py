@@ -8,11 +8,11 @@ from pathlib import Path
 
 import onnx
 
-from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, ContractError, TaskFileError
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, TaskFileError
 from vera_runtime import read_onnx_adapter, read_task
 from vera_runtime._taskfile import adapter_model_version
 
-from ._errors import VeraExportError
+from ._export import read_contract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,16 +85,8 @@ def _tasks_beside(path: Path, contract: Contract) -> tuple[TaskFound, ...]:
 
 def inspect_graph(path: str | os.PathLike) -> GraphReport:
     path = Path(path)
-    if not path.is_file():
-        raise VeraExportError(f"graph file {path} does not exist.")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise VeraExportError(f"{path} is not a readable ONNX file: {exc}") from None
-    try:
-        contract = Contract.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))
-    except ContractError as exc:
-        raise VeraExportError(str(exc)) from None
+    contract = read_contract(path)
+    model = onnx.load(str(path), load_external_data=False)
     task_inputs = set(contract.task_shapes())
     sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
     projection = sizes.get("vera_A", 0) + sizes.get("vera_B", 0)

@@ -12,7 +12,7 @@ from vera_runtime import ContractError, TaskFileError
 
 from ._checkpoint import TRUST_FLAG, load_model
 from ._errors import VeraExportError
-from ._export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export
+from ._export import DEFAULT_OPSET, DEFAULT_TOLERANCE, add_task, export
 from ._inspect import inspect_graph
 
 _EXPECTED = (VeraExportError, TaskFileError, ContractError)
@@ -60,6 +60,7 @@ def main() -> None:
 
     \b
       vera-export MODEL.pt --out m.onnx     export (same as `vera-export export ...`)
+      vera-export task OTHER.pt -g m.onnx  add OTHER's λ as another task of m.onnx
       vera-export inspect m.onnx            show a graph's contract and its task files
     """
 
@@ -92,6 +93,19 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
             click.echo(f"  {check.name}: max |diff| {check.max_abs_diff:.2e} (outputs up to {check.scale:.3g})", err=True)
     click.echo(f"Wrote {result.onnx_path} ({len(result.contract.layers)} VeRA layers, r={result.contract.r})")
     click.echo(f"Wrote task '{result.contract.default_task}': {result.task_path} and {result.adapter_path}")
+
+
+@main.command("task")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--graph", "-g", required=True, type=click.Path(dir_okay=False), help="The exported graph this task is for.")
+@click.option("--task-name", help="Name of the task (default: the checkpoint's or PEFT adapter's, else 'default').")
+@click.option(TRUST_FLAG, "trust_pickle", is_flag=True, help="As for export: only for files you trust.")
+@_errors_as_messages
+def task_command(model_path, graph, task_name, trust_pickle) -> None:
+    """Write MODEL's λ vectors as another task of GRAPH (same base model, A/B and layers)."""
+    loaded = load_model(model_path, trust_pickle=trust_pickle)
+    for path in add_task(loaded.model, graph, task_name or loaded.task_name):
+        click.echo(f"Wrote {path}")
 
 
 @main.command("inspect")

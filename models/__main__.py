@@ -1,0 +1,36 @@
+"""``python -m vera_models ARCH --out-dir DIR --task NAME=SEED ...``: write reference checkpoints.
+
+One checkpoint per task, all over the same base weights and the same A/B (so they share one
+graph), each with its own λ vectors: what fine-tuning one base model on several tasks gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vera_export import save_checkpoint
+
+from . import ARCHITECTURES, build, make_task
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("architecture", type=click.Choice(sorted(ARCHITECTURES)))
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--task", "tasks", multiple=True, default=["default=1"], show_default=True, metavar="NAME=SEED",
+              help="A task and the seed of its stand-in λ vectors; repeat for more tasks.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the base weights.")
+def main(architecture: str, out_dir: Path, tasks: tuple[str, ...], seed: int) -> None:
+    """Write one vera-export checkpoint of ARCHITECTURE per task."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in tasks:
+        name, _, task_seed = entry.partition("=")
+        if not task_seed.isdigit():
+            raise click.BadParameter(f"{entry!r}: expected NAME=SEED, e.g. sentiment=1", param_hint="--task")
+        model = make_task(build(architecture, seed=seed), int(task_seed))
+        path = save_checkpoint(model, out_dir / f"{architecture}.{name}.pt", task_name=name)
+        click.echo(f"Wrote {path}")
+
+
+main()
