@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -61,3 +62,34 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.norm1(x), key_mask)
         return x + self.ffn(self.norm2(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 8192
+    max_positions: int = 128
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 512
+    n_layers: int = 2
+
+
+class Transformer(nn.Module):
+    """Token and position embeddings, pre-norm blocks, a final norm: the trunk of both models."""
+
+    def __init__(self, config: TransformerConfig, causal: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.positions = nn.Embedding(config.max_positions, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(config.d_model, config.n_heads, config.d_ff, causal) for _ in range(config.n_layers)
+        )
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tokens(input_ids) + self.positions(positions)
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.norm(x)

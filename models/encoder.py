@@ -7,32 +7,19 @@ import dataclasses
 import torch
 from torch import nn
 
-from ._blocks import Block
+from ._blocks import Transformer, TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    vocab_size: int = 8192
-    max_positions: int = 128
-    d_model: int = 128
-    n_heads: int = 4
-    d_ff: int = 512
-    n_layers: int = 2
+class EncoderConfig(TransformerConfig):
     n_classes: int = 3
 
 
-class TinyEncoderClassifier(nn.Module):
+class TinyEncoderClassifier(Transformer):
     architecture = "tiny-encoder"
 
     def __init__(self, config: EncoderConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.positions = nn.Embedding(config.max_positions, config.d_model)
-        self.blocks = nn.ModuleList(
-            Block(config.d_model, config.n_heads, config.d_ff, causal=False) for _ in range(config.n_layers)
-        )
-        self.norm = nn.LayerNorm(config.d_model)
+        super().__init__(config, causal=False)
         self.classifier = nn.Linear(config.d_model, config.n_classes)
 
     def vera_input_specs(self) -> list[str]:
@@ -42,10 +29,6 @@ class TinyEncoderClassifier(nn.Module):
         ]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.tokens(input_ids) + self.positions(positions)
-        for block in self.blocks:
-            x = block(x, attention_mask)
-        mask = attention_mask[..., None].to(x.dtype)
-        pooled = (self.norm(x) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        mask = attention_mask[..., None].float()
+        pooled = (self.hidden(input_ids, attention_mask) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return {"logits": self.classifier(pooled), "embedding": pooled}
