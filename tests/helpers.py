@@ -50,7 +50,7 @@ def session(path) -> ort.InferenceSession:
 
 def run(sess: ort.InferenceSession, feeds: dict, run_options=None) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds, run_options)))
+    return dict(zip(names, sess.run(names, feeds, run_options), strict=True))
 
 
 def inputs_for(exported: Exported, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -68,10 +68,7 @@ def inputs_for(exported: Exported, batch: int, seq: int, seed: int = 0) -> dict[
 
 def task_of(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
     """The λ values the model holds now."""
-    return {
-        f"{l.name}.vera_lambda_{k}": getattr(l, f"lambda_{k}").detach().clone()
-        for l in adapted.layers for k in "db"
-    }
+    return {name: param.detach().clone() for name, param in adapted.lambdas().items()}
 
 
 def torch_reference(exported: Exported, feeds: dict, task: dict | None = None) -> dict[str, np.ndarray]:

@@ -45,7 +45,8 @@ def test_export_then_inspect(checkpoint, decoder, tmp_path):
     (tmp_path / "other.default.task.safetensors").write_bytes(decoder.result.task_path.read_bytes())
     report = invoke("inspect", out)
     assert report.exit_code == 0, report.output
-    for expected in ("r=64", "projection seed=0", "default task='sentiment'", "blocks.1.attention.value  in=128 out=128",
+    for expected in ("r=64", "projection seed=0", "default task='sentiment'",
+                     "blocks.1.attention.value  in=128 out=128",
                      "input_ids ['batch', 'sequence']", "m.sentiment.task.safetensors  task='sentiment'",
                      "other.default.task.safetensors  task='default'  (for another graph)", "vera_A + vera_B 65,536"):
         assert expected in report.output

@@ -8,11 +8,17 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 
 from helpers import (
-    TOLERANCE, as_feeds, inputs_for, max_relative_diff, random_task, run, session, task_of,
+    TOLERANCE,
+    as_feeds,
+    inputs_for,
+    max_relative_diff,
+    random_task,
+    run,
+    session,
+    task_of,
     torch_reference,
 )
 from vera_runtime import Contract, read_onnx_adapter, read_task
@@ -109,8 +115,8 @@ def test_metadata_carries_the_contract(exported):
     assert contract.r == adapted.r == adapted.vera_a.shape[0]
     assert contract.seed == adapted.seed
     assert contract.recipe.startswith("peft-vera-v1")
-    assert [(l.name, l.in_features, l.out_features) for l in contract.layers] == [
-        (l.name, l.in_features, l.out_features) for l in adapted.layers
+    assert [(layer.name, layer.in_features, layer.out_features) for layer in contract.layers] == [
+        (layer.name, layer.in_features, layer.out_features) for layer in adapted.layers
     ]
     assert json.loads(metadata["vera.layers"])[0]["name"] == adapted.layers[0].name
     assert contract.default_task == exported.result.contract.default_task
@@ -153,7 +159,8 @@ def test_our_layers_match_peft_projection_init_and_forward():
     theirs = vera_models.build_base("tiny-decoder", seed=5)
     targets = ["query", "value", "up", "down"]
     apply_vera(ours, VeraConfig(targets, r=32, projection_prng_key=9, d_initial=0.3))
-    peft_model = get_peft_model(theirs, PeftVeraConfig(r=32, target_modules=targets, projection_prng_key=9, d_initial=0.3))
+    peft_config = PeftVeraConfig(r=32, target_modules=targets, projection_prng_key=9, d_initial=0.3)
+    peft_model = get_peft_model(theirs, peft_config)
     assert torch.equal(ours.vera_projection.vera_A, peft_model.base_model.vera_A["default"])
     assert torch.equal(ours.vera_projection.vera_B, peft_model.base_model.vera_B["default"])
     layer = ours.blocks[0].ffn.down

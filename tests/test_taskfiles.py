@@ -58,7 +58,8 @@ def _variant(encoder, tmp_path, **changes) -> str:
     ("change", "message"),
     [
         ({"drop": True}, r"missing \['blocks.0.attention.query.vera_lambda_d'\]"),
-        ({"shape": (3,)}, r"tensor 'blocks.0.attention.query.vera_lambda_d' is float32\[3\], the graph needs float32\[64\]"),
+        ({"shape": (3,)},
+         r"tensor 'blocks.0.attention.query.vera_lambda_d' is float32\[3\], the graph needs float32\[64\]"),
         ({"value": np.nan}, r"'blocks.0.attention.query.vera_lambda_d' holds NaN or Inf"),
         ({"value": np.inf}, r"holds NaN or Inf"),
         ({"dtype": np.float64}, r"is float64\[64\], the graph needs float32\[64\]"),

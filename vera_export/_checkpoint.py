@@ -109,7 +109,10 @@ def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:
     import vera_models
 
     if checkpoint.get("version") != VERSION:
-        raise VeraExportError(f"{path} is checkpoint version {checkpoint.get('version')}; this vera-export reads {VERSION}.")
+        raise VeraExportError(
+            f"{path} is checkpoint version {checkpoint.get('version')}; this vera-export reads {VERSION}:"
+            " upgrade vera-export."
+        )
     try:
         model = vera_models.build_base(checkpoint["architecture"], checkpoint["config"])
         apply_vera(model, VeraConfig(**checkpoint["vera"]))

@@ -8,6 +8,8 @@ import sys
 import torch
 from torch import nn
 
+from vera_runtime._contract import LAMBDA_B, LAMBDA_D
+
 from ._errors import VeraExportError
 from ._layer import VeraLinear
 
@@ -27,6 +29,10 @@ class AdaptedLayer:
     vera_b: torch.Tensor
     seed: int | None
 
+    def lambdas(self) -> dict[str, nn.Parameter]:
+        """This layer's λ parameters by graph input name (see docs/contract.md)."""
+        return {f"{self.name}.{LAMBDA_D}": self.lambda_d, f"{self.name}.{LAMBDA_B}": self.lambda_b}
+
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedModel:
@@ -39,6 +45,10 @@ class AdaptedModel:
     @property
     def r(self) -> int:
         return self.vera_a.shape[0]
+
+    def lambdas(self) -> dict[str, nn.Parameter]:
+        """Every λ parameter by graph input name, in graph input order."""
+        return {name: param for layer in self.layers for name, param in layer.lambdas().items()}
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -144,7 +154,7 @@ def find_vera_layers(model: nn.Module, task_name: str | None = None) -> AdaptedM
         _check_base(layer.name, layer.base)
     _check_shared(layers)
     first = layers[0]
-    if any(l.in_features > first.vera_a.shape[1] or l.out_features > first.vera_b.shape[0] for l in layers):
+    if any(layer.in_features > first.vera_a.shape[1] or layer.out_features > first.vera_b.shape[0] for layer in layers):
         raise VeraExportError("a VeRA layer is wider than the shared A/B: the checkpoint is inconsistent.")
     default_name = task_name or _peft_adapter_name(first) or "default"
     return AdaptedModel(tuple(layers), first.vera_a, first.vera_b, first.seed, default_name)

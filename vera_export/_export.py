@@ -14,8 +14,16 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, LayerSpec, Task, fingerprint
-from vera_runtime import write_onnx_adapter, write_task
+from vera_runtime import (
+    ADAPTER_SUFFIX,
+    TASK_SUFFIX,
+    Contract,
+    LayerSpec,
+    Task,
+    fingerprint,
+    write_onnx_adapter,
+    write_task,
+)
 from vera_runtime._io import atomic_path
 from vera_runtime._taskfile import check_task_name
 
@@ -84,7 +92,7 @@ def _recipe(adapted: AdaptedModel) -> str:
 
 
 def _contract(adapted: AdaptedModel) -> Contract:
-    layers = tuple(LayerSpec(l.name, l.in_features, l.out_features) for l in adapted.layers)
+    layers = tuple(LayerSpec(layer.name, layer.in_features, layer.out_features) for layer in adapted.layers)
     vera_a = adapted.vera_a.detach().cpu().numpy()
     vera_b = adapted.vera_b.detach().cpu().numpy()
     return Contract(
@@ -95,10 +103,7 @@ def _contract(adapted: AdaptedModel) -> Contract:
 
 def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
     """The λ values the model holds now, as a task of ``contract``'s graph."""
-    tensors = {}
-    for layer in adapted.layers:
-        tensors[f"{layer.name}.vera_lambda_d"] = layer.lambda_d.detach().float().cpu().numpy()
-        tensors[f"{layer.name}.vera_lambda_b"] = layer.lambda_b.detach().float().cpu().numpy()
+    tensors = {name: param.detach().float().cpu().numpy() for name, param in adapted.lambdas().items()}
     return Task(adapted.task_name, contract.fingerprint, tensors)
 
 

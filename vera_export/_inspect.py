@@ -8,8 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, TaskFileError
-from vera_runtime import read_onnx_adapter, read_task
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, TaskFileError, read_onnx_adapter, read_task
 from vera_runtime._taskfile import adapter_model_version
 
 from ._export import read_contract
@@ -47,7 +46,7 @@ class GraphReport:
             *(f"    {name} {shape}" for name, shape in self.outputs.items()),
             f"  {len(c.layers)} adapted layers (inputs <layer>.vera_lambda_d [tasks, {c.r}],"
             " <layer>.vera_lambda_b [tasks, out]):",
-            *(f"    {l.name}  in={l.in_features} out={l.out_features}" for l in c.layers),
+            *(f"    {layer.name}  in={layer.in_features} out={layer.out_features}" for layer in c.layers),
             "  task files beside it:",
             *(f"    {t.path.name}  task={t.name!r}" + ("" if t.fits else "  (for another graph)") for t in self.tasks),
         ]

@@ -67,7 +67,7 @@ class _Tracer(nn.Module):
     def run(self, inputs: tuple[torch.Tensor, ...], lambdas: tuple[torch.Tensor, ...]):
         self.lambdas = lambdas
         try:
-            outputs = flatten_outputs(self.model(**dict(zip(self.input_names, inputs))))
+            outputs = flatten_outputs(self.model(**dict(zip(self.input_names, inputs, strict=True))))
         finally:
             self.lambdas = ()
         return tuple(outputs[name] for name in self.output_names)
@@ -101,17 +101,17 @@ def _tracer_class(n_inputs: int, n_lambdas: int) -> type[_Tracer]:
 
 @contextlib.contextmanager
 def _patched(tracer: _Tracer, layers: tuple[AdaptedLayer, ...]) -> Iterator[None]:
+    """Route each VeRA layer's forward through the tracer; restore whatever was there after."""
+    saved = [layer.module.__dict__.get("forward") for layer in layers]
     for index, layer in enumerate(layers):
         layer.module.forward = tracer.vera_forward(index, layer)
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, forward in zip(layers, saved, strict=True):
             del layer.module.forward
-
-
-def lambda_names(adapted: AdaptedModel) -> list[str]:
-    return [name for l in adapted.layers for name in (f"{l.name}.vera_lambda_d", f"{l.name}.vera_lambda_b")]
+            if forward is not None:
+                layer.module.forward = forward
 
 
 def trace_to_onnx(
@@ -126,10 +126,11 @@ def trace_to_onnx(
     if any(isinstance(d, Dim) and d.name == TASK_DIM for s in specs for d in s.dims):
         raise VeraExportError(f"the dimension name '{TASK_DIM}' is reserved for the task dimension of λ inputs.")
     generator = torch.Generator().manual_seed(0)
-    lambdas = []
-    for layer in adapted.layers:
-        for param in (layer.lambda_d, layer.lambda_b):
-            lambdas.append(torch.randn((_TASKS_EXAMPLE, param.shape[0]), generator=generator, dtype=param.dtype))
+    lambda_inputs = adapted.lambdas()
+    lambdas = [
+        torch.randn((_TASKS_EXAMPLE, param.shape[0]), generator=generator, dtype=param.dtype)
+        for param in lambda_inputs.values()
+    ]
     tasks = torch.export.Dim(TASK_DIM, min=1)
     shapes = dynamic_shapes(specs) + [{0: tasks}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
@@ -137,7 +138,7 @@ def trace_to_onnx(
         program = torch.onnx.export(
             tracer.eval(),
             tuple(examples + lambdas),
-            input_names=[s.name for s in specs] + lambda_names(adapted),
+            input_names=[s.name for s in specs] + list(lambda_inputs),
             output_names=output_names,
             opset_version=opset,
             dynamic_shapes=tuple(shapes),
@@ -171,5 +172,5 @@ def _quiet() -> Iterator[None]:
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
+            for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vera_runtime._contract import LAMBDA_B
+
 from ._discover import AdaptedModel
 from ._trace import flatten_outputs
 
@@ -54,10 +56,7 @@ def ort_session(path: str | Path):
 @contextlib.contextmanager
 def lambdas_set(adapted: AdaptedModel, values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily load other λ values into the model's own parameters."""
-    params = {}
-    for layer in adapted.layers:
-        params[f"{layer.name}.vera_lambda_d"] = layer.lambda_d
-        params[f"{layer.name}.vera_lambda_b"] = layer.lambda_b
+    params = adapted.lambdas()
     saved = {name: param.detach().clone() for name, param in params.items()}
     with torch.no_grad():
         try:
@@ -72,11 +71,10 @@ def lambdas_set(adapted: AdaptedModel, values: dict[str, torch.Tensor]) -> Itera
 def random_task(adapted: AdaptedModel, seed: int = 1) -> dict[str, torch.Tensor]:
     """λ values unlike any trained task, large enough to move every output."""
     generator = torch.Generator().manual_seed(seed)
-    task = {}
-    for layer in adapted.layers:
-        task[f"{layer.name}.vera_lambda_d"] = torch.randn(layer.lambda_d.shape, generator=generator)
-        task[f"{layer.name}.vera_lambda_b"] = torch.randn(layer.lambda_b.shape, generator=generator) * 0.2
-    return task
+    return {
+        name: torch.randn(param.shape, generator=generator) * (0.2 if name.endswith(LAMBDA_B) else 1.0)
+        for name, param in adapted.lambdas().items()
+    }
 
 
 def torch_outputs(model: nn.Module, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -104,7 +102,7 @@ def verify_export(
     feeds = {name: value.numpy() for name, value in examples.items()}
 
     def run(extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(output_names, session.run(output_names, {**feeds, **extra})))
+        return dict(zip(output_names, session.run(output_names, {**feeds, **extra}), strict=True))
 
     exported = torch_outputs(model, examples)
     other = random_task(adapted)
@@ -116,8 +114,9 @@ def verify_export(
     ]
     batch = next(iter(examples.values())).shape[0]
     if batch >= 2 and all(value.shape[:1] == (batch,) for value in exported.values()):
-        current = {f"{l.name}.vera_lambda_{k}": getattr(l, f"lambda_{k}").detach() for l in adapted.layers for k in "db"}
-        mixed = {k: np.stack([(current if i % 2 == 0 else other)[k].numpy() for i in range(batch)]) for k in other}
-        expected = {k: np.stack([(exported if i % 2 == 0 else randomised)[k][i] for i in range(batch)]) for k in exported}
+        current = {name: param.detach() for name, param in adapted.lambdas().items()}
+        rows = [(current, exported) if i % 2 == 0 else (other, randomised) for i in range(batch)]
+        mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
+        expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}
         checks.append(_compare("mixed batch (a task per row)", run(mixed), expected))
     return Verification(tuple(checks), tolerance)

@@ -16,6 +16,7 @@ from ._export import DEFAULT_OPSET, DEFAULT_TOLERANCE, add_task, export
 from ._inspect import inspect_graph
 
 _EXPECTED = (VeraExportError, TaskFileError, ContractError)
+_TASK_NAME_HELP = "Name of the task (default: the checkpoint's or PEFT adapter's, else 'default')."
 
 
 class _ExportByDefault(click.Group):
@@ -71,13 +72,14 @@ def main() -> None:
 @click.option("--input", "inputs", multiple=True, metavar="SPEC",
               help="A forward argument as NAME:DTYPE[<HIGH]:DIMS, e.g. input_ids:int64<1000:batch=2,sequence=8;"
                    " repeat per argument. Needed when the model has no vera_input_specs().")
-@click.option("--task-name", help="Name of the exported task (default: the checkpoint's or PEFT adapter's, else 'default').")
+@click.option("--task-name", help=_TASK_NAME_HELP)
 @click.option("--opset", type=click.IntRange(18, 23), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TOLERANCE, show_default=True,
               help="Largest ORT-vs-PyTorch difference accepted, relative to the outputs' largest magnitude.")
 @click.option("--no-verify", is_flag=True, help="Skip running the graph in ONNX Runtime against PyTorch.")
 @click.option(TRUST_FLAG, "trust_pickle", is_flag=True,
-              help="Allow a pickle that needs classes outside the allowlist. Runs code from the file: only for files you trust.")
+              help="Allow a pickle that needs classes outside the allowlist."
+                   " Runs code from the file: only for files you trust.")
 @_errors_as_messages
 def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, trust_pickle) -> None:
     """Export MODEL (torch.save(model) or a vera-export checkpoint) to one ONNX graph plus task files."""
@@ -90,15 +92,17 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     )
     if result.verification is not None:
         for check in result.verification.checks:
-            click.echo(f"  {check.name}: max |diff| {check.max_abs_diff:.2e} (outputs up to {check.scale:.3g})", err=True)
+            line = f"  {check.name}: max |diff| {check.max_abs_diff:.2e} (outputs up to {check.scale:.3g})"
+            click.echo(line, err=True)
     click.echo(f"Wrote {result.onnx_path} ({len(result.contract.layers)} VeRA layers, r={result.contract.r})")
     click.echo(f"Wrote task '{result.contract.default_task}': {result.task_path} and {result.adapter_path}")
 
 
 @main.command("task")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
-@click.option("--graph", "-g", required=True, type=click.Path(dir_okay=False), help="The exported graph this task is for.")
-@click.option("--task-name", help="Name of the task (default: the checkpoint's or PEFT adapter's, else 'default').")
+@click.option("--graph", "-g", required=True, type=click.Path(dir_okay=False),
+              help="The exported graph this task is for.")
+@click.option("--task-name", help=_TASK_NAME_HELP)
 @click.option(TRUST_FLAG, "trust_pickle", is_flag=True, help="As for export: only for files you trust.")
 @_errors_as_messages
 def task_command(model_path, graph, task_name, trust_pickle) -> None:
