@@ -1,6 +1,8 @@
 """vera_runtime: the torch-free side of vera-export (numpy, safetensors and onnxruntime only)."""
 
 from ._contract import CONTRACT_VERSION, Contract, ContractError, LayerSpec, fingerprint
+from ._errors import DeviceError, FeedError
+from ._session import VeraSession
 from ._taskfile import (
     ADAPTER_SUFFIX,
     TASK_SUFFIX,
@@ -17,10 +19,13 @@ __all__ = [
     "CONTRACT_VERSION",
     "Contract",
     "ContractError",
+    "DeviceError",
+    "FeedError",
     "LayerSpec",
     "TASK_SUFFIX",
     "Task",
     "TaskFileError",
+    "VeraSession",
     "fingerprint",
     "read_onnx_adapter",
     "read_task",

@@ -1,0 +1,81 @@
+"""Reading a task from any file a user may have: our task file, an .onnx_adapter, or PEFT's
+``adapter_model.safetensors``. Each reader returns the tensors without the task dimension, or
+raises TaskFileError naming the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ._contract import Contract, fingerprint
+from ._taskfile import ADAPTER_SUFFIX, Task, TaskFileError, adapter_model_version, check_task, read_onnx_adapter
+from ._taskfile import read_task as read_native_task
+
+_PEFT_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
+
+
+def _from_adapter(path: Path, contract: Contract) -> Task:
+    version, tensors = read_onnx_adapter(path)
+    if version != adapter_model_version(contract.fingerprint):
+        raise TaskFileError(
+            f"{path} was made for another graph (its model_version {version} is not this graph's"
+            f" {adapter_model_version(contract.fingerprint)}): use the adapters exported with this graph."
+        )
+    for name, array in tensors.items():
+        if array.ndim != 2 or array.shape[0] != 1:
+            raise TaskFileError(f"{path}: tensor '{name}' is {list(array.shape)}, an adapter feed must be [1, n].")
+    return Task(path.stem, contract.fingerprint, {name: array[0] for name, array in tensors.items()})
+
+
+def _peft_fingerprint(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> str:
+    """PEFT stores A and B when save_projection=True: then the fingerprint can be checked exactly.
+    Without them, the seed and r in adapter_config.json are all there is to check."""
+    if all(key in tensors for key in _PEFT_PROJECTIONS):
+        return fingerprint(tensors[_PEFT_PROJECTIONS[0]], tensors[_PEFT_PROJECTIONS[1]], contract.layers)
+    config_path = path.with_name("adapter_config.json")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        seed, rank = config.get("projection_prng_key"), config.get("r")
+        if (seed, rank) != (contract.seed, contract.r):
+            raise TaskFileError(
+                f"{path} was trained with projection_prng_key={seed}, r={rank} ({config_path.name});"
+                f" this graph has projection_prng_key={contract.seed}, r={contract.r}."
+            )
+    return contract.fingerprint
+
+
+def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> Task:
+    own = _peft_fingerprint(path, tensors, contract)
+    lambdas = {name: array for name, array in tensors.items() if name not in _PEFT_PROJECTIONS}
+    return Task(path.parent.name, own, lambdas)
+
+
+def load_any_task(path: str | Path, contract: Contract) -> Task:
+    """A task for ``contract``'s graph from a native task file, an .onnx_adapter or a PEFT adapter file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(f"task file {path} does not exist.")
+    if path.name.endswith(ADAPTER_SUFFIX):
+        task = _from_adapter(path, contract)
+    else:
+        task = _read_safetensors(path, contract)
+    check_task(task, contract, str(path))
+    return task
+
+
+def _read_safetensors(path: Path, contract: Contract) -> Task:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as reader:
+            is_native = (reader.metadata() or {}).get("format") == "vera-task"
+            tensors = None if is_native else {name: reader.get_tensor(name) for name in reader.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TaskFileError(f"{path} is not a readable task file (truncated or corrupt?): {exc}") from exc
+    if is_native:
+        return read_native_task(path)
+    if not any("vera_lambda" in name for name in tensors):
+        raise TaskFileError(f"{path} holds no VeRA vectors: not a task file nor a PEFT VeRA adapter.")
+    return _from_peft(path, tensors, contract)

@@ -1,0 +1,191 @@
+"""VeraSession: one ONNX Runtime session, many tasks, switched per call or per batch row."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ._contract import Contract
+from ._device import create_session
+from ._errors import FeedError
+from ._feeds import InputInfo, check_feeds
+from ._loaders import load_any_task
+from ._taskfile import TASK_SUFFIX, TaskFileError, check_task_name
+
+_ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadedTask:
+    name: str
+    path: Path
+    feeds: dict[str, np.ndarray]  # float32 [1, n], contiguous: fed as they are on the CPU
+    on_device: dict[str, ort.OrtValue] | None  # the same, copied once to the GPU
+
+
+class VeraSession:
+    """Load a vera-export graph once; run it with any loaded task, per call or per batch row.
+
+    ``device``: "auto" (CUDA when ONNX Runtime's CUDA provider really starts, else CPU), "cpu"
+    or "cuda" (raises DeviceError naming what is missing). On CUDA, task vectors are copied to
+    the GPU once, when loaded, and runs bind them with IOBinding.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "auto",
+        *,
+        threads: int | None = None,
+        session_options: ort.SessionOptions | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"graph file {self.model_path} does not exist.")
+        options = session_options or ort.SessionOptions()
+        options.log_severity_level = max(options.log_severity_level, 3)  # one warning per λ default otherwise
+        if threads:
+            options.intra_op_num_threads = threads
+        self._session, self.device = create_session(str(self.model_path), device, options)
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        self.contract = Contract.from_metadata(metadata, str(self.model_path))
+        self._task_inputs = set(self.contract.task_shapes())
+        self._inputs = {i.name: InputInfo.from_ort(i) for i in self._session.get_inputs()}
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        self._tasks: dict[str, _LoadedTask] = {}
+        self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Names of the loaded tasks."""
+        return tuple(self._tasks)
+
+    @property
+    def default_task(self) -> str:
+        """The task the graph runs when none is chosen (its λ defaults)."""
+        return self.contract.default_task
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    def load_task(self, name: str, path: str | os.PathLike) -> None:
+        """Load (or replace) task ``name`` from a task file, an .onnx_adapter or a PEFT adapter file.
+
+        The file is read and checked completely before anything changes: a failure raises
+        TaskFileError and leaves the session and every loaded task as they were.
+        """
+        check_task_name(name)
+        task = load_any_task(path, self.contract)
+        feeds = {key: np.ascontiguousarray(task.tensors[key], dtype=np.float32)[None] for key in self._task_inputs}
+        on_device = None
+        if self.device == "cuda":
+            on_device = {key: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for key, value in feeds.items()}
+        loaded = _LoadedTask(name, Path(path), feeds, on_device)
+        with self._lock:
+            self._tasks[name] = loaded
+            self._forget_rows(name)
+
+    def load_tasks_beside(self) -> list[str]:
+        """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``)."""
+        stem = self.model_path.with_suffix("").name
+        loaded = []
+        for path in sorted(self.model_path.parent.glob(f"{stem}.*{TASK_SUFFIX}")):
+            name = path.name[len(stem) + 1 : -len(TASK_SUFFIX)]
+            self.load_task(name, path)
+            loaded.append(name)
+        return loaded
+
+    def unload_task(self, name: str) -> None:
+        with self._lock:
+            if name not in self._tasks:
+                raise KeyError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}.")
+            del self._tasks[name]
+            self._forget_rows(name)
+
+    def _forget_rows(self, name: str) -> None:
+        for key in [key for key in self._rows if name in key]:
+            del self._rows[key]
+
+    def _get(self, name: str) -> _LoadedTask:
+        task = self._tasks.get(name)
+        if task is None:
+            raise TaskFileError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}. Use load_task().")
+        return task
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        task: str | None = None,
+        tasks: Sequence[str] | None = None,
+        outputs: Sequence[str] | None = None,
+        keep_on_device: bool = False,
+    ) -> dict[str, np.ndarray | ort.OrtValue]:
+        """Run the model inputs ``feeds`` with one ``task``, or ``tasks`` (one name per batch row),
+        or neither (the graph's default task). Returns outputs by name: numpy arrays, or OrtValues
+        left on the GPU with ``keep_on_device=True``."""
+        if task is not None and tasks is not None:
+            raise FeedError("give task=NAME for the whole batch or tasks=[NAME per row], not both.")
+        batch = check_feeds(feeds, self._inputs, self._task_inputs)
+        names = list(outputs or self.output_names)
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise FeedError(f"the graph has no output {unknown}; its outputs are {self.output_names}.")
+        with self._lock:  # a consistent view of the tasks; the run itself is outside the lock
+            lambdas = self._lambdas(task, tasks, batch)
+        if self.device == "cuda":
+            return self._run_bound(feeds, lambdas, names, keep_on_device)
+        return dict(zip(names, self._session.run(names, {**feeds, **lambdas}), strict=True))
+
+    def _lambdas(self, task: str | None, tasks: Sequence[str] | None, batch: int) -> dict:
+        if tasks is not None:
+            tasks = tuple(tasks)
+            if len(tasks) != batch:
+                raise FeedError(f"tasks names {len(tasks)} tasks for a batch of {batch} rows: give one per row.")
+            if len(set(tasks)) == 1:
+                task = tasks[0]
+            else:
+                return self._row_lambdas(tasks)
+        if task is None:
+            return {}
+        loaded = self._get(task)
+        return loaded.on_device if loaded.on_device is not None else loaded.feeds
+
+    def _row_lambdas(self, tasks: tuple[str, ...]) -> dict:
+        if self.device == "cuda" and tasks in self._rows:
+            self._rows.move_to_end(tasks)
+            return self._rows[tasks]
+        loaded = [self._get(name) for name in tasks]
+        stacked = {key: np.concatenate([t.feeds[key] for t in loaded]) for key in self._task_inputs}
+        if self.device != "cuda":
+            return stacked
+        # one host->device copy per new combination of rows, then reused
+        self._rows[tasks] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in stacked.items()}
+        if len(self._rows) > _ROW_CACHE:
+            self._rows.popitem(last=False)
+        return self._rows[tasks]
+
+    def _run_bound(self, feeds, lambdas, names, keep_on_device):
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in lambdas.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cuda" if keep_on_device else "cpu")
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {n: v if keep_on_device else v.numpy() for n, v in zip(names, values, strict=True)}

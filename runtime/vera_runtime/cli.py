@@ -1,0 +1,130 @@
+"""``vera-run``: run a vera-export graph with its tasks, from the shell (argparse: no extra deps).
+
+    vera-run tasks m.onnx                         list the task files beside the graph
+    vera-run run m.onnx --input x.npz --task T    run one task (T, or T=PATH to load a file)
+    vera-run compare m.onnx --input x.npz         run one input with every task: a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ._contract import ContractError
+from ._errors import DeviceError, FeedError
+from ._session import VeraSession
+from ._taskfile import TASK_SUFFIX, TaskFileError, read_task
+
+_EXPECTED = (ContractError, DeviceError, FeedError, TaskFileError, FileNotFoundError, KeyError)
+
+
+def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
+    """Model inputs from .npz (by name), .npy (the graph's only input) or JSON ({name: nested list})."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist.")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    if path.suffix == ".npy":
+        if len(session.input_names) != 1:
+            raise FeedError(f"{path} holds one array; the graph needs {session.input_names}: use .npz or JSON.")
+        return {session.input_names[0]: np.load(path, allow_pickle=False)}
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        dtypes = {name: info.dtype for name, info in session._inputs.items()}
+        return {name: np.asarray(value, dtype=dtypes.get(name)) for name, value in data.items()}
+    raise FeedError(f"{path}: inputs must be .npz, .npy or .json.")
+
+
+def _session(args) -> VeraSession:
+    session = VeraSession(args.graph, device=args.device)
+    session.load_tasks_beside()
+    for entry in getattr(args, "task_files", None) or []:
+        name, _, path = entry.partition("=")
+        session.load_task(name, path)
+    return session
+
+
+def _summary(array: np.ndarray, width: int = 4) -> str:
+    flat = np.asarray(array).reshape(-1)
+    values = " ".join(f"{v:.4g}" for v in flat[:width])
+    return f"{list(np.shape(array))} [{values}{' ...' if flat.size > width else ''}]"
+
+
+def _cmd_tasks(args) -> None:
+    session = VeraSession(args.graph, device="cpu")
+    print(f"{args.graph}: default task '{session.default_task}'")
+    stem = Path(args.graph).with_suffix("").name
+    for path in sorted(Path(args.graph).parent.glob(f"{stem}.*{TASK_SUFFIX}")):
+        try:
+            task = read_task(path, session.contract)
+            print(f"  {task.name:<20} {path.name}")
+        except TaskFileError as exc:
+            print(f"  {'(refused)':<20} {path.name}: {exc}")
+
+
+def _cmd_run(args) -> None:
+    session = _session(args)
+    results = session.run(read_inputs(Path(args.input), session), task=args.task)
+    if args.out:
+        np.savez(args.out, **results)
+        print(f"Wrote {args.out}")
+    for name, value in results.items():
+        print(f"{name}: {_summary(value)}")
+
+
+def _cmd_compare(args) -> None:
+    session = _session(args)
+    feeds = read_inputs(Path(args.input), session)
+    output = args.output or session.output_names[0]
+    print(f"{'task':<20} {output} (row 0)")
+    for name in session.tasks:
+        value = session.run(feeds, task=name, outputs=[output])[output]
+        print(f"{name:<20} {_summary(value[0], width=6)}")
+
+
+def _graph_command(commands, name: str, func, text: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=text)
+    command.add_argument("graph")
+    command.add_argument("--input", required=True, help=".npz (by name), .npy (single input) or .json")
+    command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    command.add_argument("--load", dest="task_files", action="append", metavar="NAME=PATH",
+                         help="also load this task file (native, .onnx_adapter or PEFT adapter_model.safetensors)")
+    command.set_defaults(func=func)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vera-run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tasks = commands.add_parser("tasks", help="list the task files beside a graph")
+    tasks.add_argument("graph")
+    tasks.set_defaults(func=_cmd_tasks)
+    run = _graph_command(commands, "run", _cmd_run, "run one task")
+    run.add_argument("--task", help="the task to run (default: the graph's default task)")
+    run.add_argument("--out", help="also write all outputs to this .npz")
+    compare = _graph_command(commands, "compare", _cmd_compare, "run one input with every task")
+    compare.add_argument("--output", help="the output to tabulate (default: the first)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _EXPECTED as exc:
+        if args.verbose:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"Error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
