@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +26,7 @@ ARCHITECTURES = {
 
 __all__ = [
     "ARCHITECTURES", "DecoderConfig", "EncoderConfig", "TinyDecoderLM", "TinyEncoderClassifier",
-    "build", "build_base", "make_task",
+    "build", "build_base", "example_input", "make_task",
 ]
 
 
@@ -59,5 +60,12 @@ def make_task(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def config_dict(model: nn.Module) -> dict:
-    return dataclasses.asdict(model.config)
+def example_input(model: nn.Module, batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    """A reproducible batch for ``model``: token ids, and a mask hiding the last third of row 1."""
+    rng = np.random.default_rng(seed)
+    inputs = {"input_ids": rng.integers(0, model.config.vocab_size, (batch, seq), dtype=np.int64)}
+    if "attention_mask" in inspect.signature(model.forward).parameters:
+        mask = np.ones((batch, seq), np.int64)
+        mask[1:, 2 * seq // 3 :] = 0
+        inputs["attention_mask"] = mask
+    return inputs

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 
 from vera_export import save_checkpoint
 
-from . import ARCHITECTURES, build, make_task
+from . import ARCHITECTURES, build, build_base, example_input, make_task
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,8 +23,11 @@ from . import ARCHITECTURES, build, make_task
               help="A task and the seed of its stand-in λ vectors; repeat for more tasks.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the base weights.")
 def main(architecture: str, out_dir: Path, tasks: tuple[str, ...], seed: int) -> None:
-    """Write one vera-export checkpoint of ARCHITECTURE per task."""
+    """Write one vera-export checkpoint of ARCHITECTURE per task, and an example input (input.npz)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    example = example_input(build_base(architecture, seed=seed))
+    np.savez(out_dir / "input.npz", **example)
+    click.echo(f"Wrote {out_dir / 'input.npz'} ({', '.join(example)})")
     for entry in tasks:
         name, _, task_seed = entry.partition("=")
         if not task_seed.isdigit():
