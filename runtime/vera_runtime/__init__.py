@@ -2,6 +2,7 @@
 
 from ._contract import CONTRACT_VERSION, Contract, ContractError, LayerSpec, fingerprint
 from ._errors import DeviceError, FeedError
+from ._feeds import InputInfo
 from ._session import VeraSession
 from ._taskfile import (
     ADAPTER_SUFFIX,
@@ -21,6 +22,7 @@ __all__ = [
     "ContractError",
     "DeviceError",
     "FeedError",
+    "InputInfo",
     "LayerSpec",
     "TASK_SUFFIX",
     "Task",

@@ -17,7 +17,7 @@ from ._device import create_session
 from ._errors import FeedError
 from ._feeds import InputInfo, check_feeds
 from ._loaders import load_any_task
-from ._taskfile import TASK_SUFFIX, TaskFileError, check_task_name
+from ._taskfile import TASK_SUFFIX, check_task_name
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
 
@@ -76,6 +76,11 @@ class VeraSession:
         return self.contract.default_task
 
     @property
+    def inputs(self) -> dict[str, InputInfo]:
+        """The model inputs a run needs: name, dtype and shape (strings are symbolic dimensions)."""
+        return dict(self._inputs)
+
+    @property
     def input_names(self) -> list[str]:
         return list(self._inputs)
 
@@ -120,7 +125,7 @@ class VeraSession:
     def _get(self, name: str) -> _LoadedTask:
         task = self._tasks.get(name)
         if task is None:
-            raise TaskFileError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}. Use load_task().")
+            raise FeedError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}. Use load_task().")
         return task
 
     # -- running -------------------------------------------------------------------------
@@ -154,7 +159,7 @@ class VeraSession:
         if tasks is not None:
             tasks = tuple(tasks)
             if len(tasks) != batch:
-                raise FeedError(f"tasks names {len(tasks)} tasks for a batch of {batch} rows: give one per row.")
+                raise FeedError(f"tasks= gives {len(tasks)} names for a batch of {batch} rows: give one per row.")
             if len(set(tasks)) == 1:
                 task = tasks[0]
             else:

@@ -35,7 +35,7 @@ def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
         return {session.input_names[0]: np.load(path, allow_pickle=False)}
     if path.suffix == ".json":
         data = json.loads(path.read_text())
-        dtypes = {name: info.dtype for name, info in session._inputs.items()}
+        dtypes = {name: info.dtype for name, info in session.inputs.items()}
         return {name: np.asarray(value, dtype=dtypes.get(name)) for name, value in data.items()}
     raise FeedError(f"{path}: inputs must be .npz, .npy or .json.")
 
