@@ -68,7 +68,7 @@ def inputs_for(exported: Exported, batch: int, seq: int, seed: int = 0) -> dict[
 
 def task_of(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
     """The λ values the model holds now."""
-    return {name: param.detach().clone() for name, param in adapted.lambdas().items()}
+    return {name: param.detach().clone() for name, param in adapted.task_params().items()}
 
 
 def torch_reference(exported: Exported, feeds: dict, task: dict | None = None) -> dict[str, np.ndarray]:

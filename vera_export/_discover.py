@@ -35,20 +35,39 @@ class AdaptedLayer:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptedHead:
+    """A linear layer trained per task (PEFT's ``modules_to_save``): its weights are task inputs."""
+
+    name: str  # path of PEFT's wrapper: its saved keys are <name>.weight and <name>.bias
+    module: nn.Module  # the wrapper, whose forward the tracer replaces
+    linear: nn.Linear  # the active adapter's copy
+
+    def params(self) -> dict[str, nn.Parameter]:
+        params = {f"{self.name}.weight": self.linear.weight}
+        if self.linear.bias is not None:
+            params[f"{self.name}.bias"] = self.linear.bias
+        return params
+
+
+@dataclasses.dataclass(frozen=True)
 class AdaptedModel:
     layers: tuple[AdaptedLayer, ...]
     vera_a: torch.Tensor
     vera_b: torch.Tensor
     seed: int | None
     task_name: str
+    heads: tuple[AdaptedHead, ...] = ()
 
     @property
     def r(self) -> int:
         return self.vera_a.shape[0]
 
-    def lambdas(self) -> dict[str, nn.Parameter]:
-        """Every λ parameter by graph input name, in graph input order."""
-        return {name: param for layer in self.layers for name, param in layer.lambdas().items()}
+    def task_params(self) -> dict[str, nn.Parameter]:
+        """Every per-task parameter (λ, then heads) by graph input name, in graph input order."""
+        params = {name: param for layer in self.layers for name, param in layer.lambdas().items()}
+        for head in self.heads:
+            params.update(head.params())
+        return params
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -91,6 +110,27 @@ def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer:
         module.vera_lambda_d[adapter], module.vera_lambda_b[adapter],
         module.vera_A[adapter], module.vera_B[adapter], seed,
     )
+
+
+def _find_heads(model: nn.Module) -> tuple[AdaptedHead, ...]:
+    """PEFT's modules_to_save wrappers (e.g. a classifier trained with the adapter)."""
+    if "peft" not in sys.modules:
+        return ()
+    from peft.utils.other import ModulesToSaveWrapper
+
+    heads = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ModulesToSaveWrapper):
+            continue
+        active = list(module.active_adapters)
+        linear = module.modules_to_save[active[0]] if len(active) == 1 and active[0] in module.modules_to_save else None
+        if type(linear) is not nn.Linear:
+            raise VeraExportError(
+                f"modules_to_save '{name}' is a {type(linear).__name__} for the active adapter: only"
+                " nn.Linear heads (e.g. classifiers) can become per-task graph inputs."
+            )
+        heads.append(AdaptedHead(name, module, linear))
+    return tuple(heads)
 
 
 def _peft_kinds() -> tuple[type, type] | None:
@@ -157,7 +197,7 @@ def find_vera_layers(model: nn.Module, task_name: str | None = None) -> AdaptedM
     if any(layer.in_features > first.vera_a.shape[1] or layer.out_features > first.vera_b.shape[0] for layer in layers):
         raise VeraExportError("a VeRA layer is wider than the shared A/B: the checkpoint is inconsistent.")
     default_name = task_name or _peft_adapter_name(first) or "default"
-    return AdaptedModel(tuple(layers), first.vera_a, first.vera_b, first.seed, default_name)
+    return AdaptedModel(tuple(layers), first.vera_a, first.vera_b, first.seed, default_name, _find_heads(model))
 
 
 def _peft_adapter_name(layer: AdaptedLayer) -> str | None:

@@ -18,6 +18,7 @@ from vera_runtime import (
     ADAPTER_SUFFIX,
     TASK_SUFFIX,
     Contract,
+    HeadSpec,
     LayerSpec,
     Task,
     fingerprint,
@@ -93,17 +94,21 @@ def _recipe(adapted: AdaptedModel) -> str:
 
 def _contract(adapted: AdaptedModel) -> Contract:
     layers = tuple(LayerSpec(layer.name, layer.in_features, layer.out_features) for layer in adapted.layers)
+    heads = tuple(
+        HeadSpec(h.name, h.linear.in_features, h.linear.out_features, h.linear.bias is not None)
+        for h in adapted.heads
+    )
     vera_a = adapted.vera_a.detach().cpu().numpy()
     vera_b = adapted.vera_b.detach().cpu().numpy()
     return Contract(
-        r=adapted.r, seed=adapted.seed, recipe=_recipe(adapted), layers=layers,
-        default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers),
+        r=adapted.r, seed=adapted.seed, recipe=_recipe(adapted), layers=layers, heads=heads,
+        default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers, heads),
     )
 
 
 def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
     """The λ values the model holds now, as a task of ``contract``'s graph."""
-    tensors = {name: param.detach().float().cpu().numpy() for name, param in adapted.lambdas().items()}
+    tensors = {name: param.detach().float().cpu().numpy() for name, param in adapted.task_params().items()}
     return Task(adapted.task_name, contract.fingerprint, tensors)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._discover import AdaptedLayer, AdaptedModel
+from ._discover import AdaptedHead, AdaptedLayer, AdaptedModel
 from ._errors import VeraExportError
 from ._inputs import Dim, InputSpec, dynamic_shapes
 
@@ -39,18 +39,34 @@ def flatten_outputs(output) -> dict[str, torch.Tensor]:
     return {name: value for name, value in items if isinstance(value, torch.Tensor)}
 
 
-def _per_row(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a [T, n] lambda over x's batch rows: T = 1 (one task) or T = batch (a task per row).
+def _rows(per_task: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Which task each batch row of x uses: T = 1 (one task) or T = batch (a task per row).
 
-    Rows are gathered explicitly: broadcasting lam[:, None] would make torch.export unify T with
-    the batch size, and the graph would then refuse T = 1.
+    Rows are gathered explicitly: broadcasting a [T, n] tensor as [T, 1, n] would make
+    torch.export unify T with the batch size, and the graph would then refuse T = 1.
     """
+    # T as a tensor: the ONNX translation of `% SymInt` (aten.remainder.Scalar) fails.
+    tasks = torch.scalar_tensor(per_task.shape[0], dtype=torch.long, device=x.device)
+    return torch.arange(x.shape[0], device=x.device) % tasks
+
+
+def _per_row(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [T, n] lambda, shaped to scale x's last dimension row by row."""
     if x.dim() == 1:
         return lam[0]
-    # T as a tensor: the ONNX translation of `% SymInt` (aten.remainder.Scalar) fails.
-    tasks = torch.scalar_tensor(lam.shape[0], dtype=torch.long, device=x.device)
-    rows = torch.arange(x.shape[0], device=x.device) % tasks
-    return lam[rows].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
+    return lam[_rows(lam, x)].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
+
+
+def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer with a [T, out, in] weight (and [T, out] bias): one head per task."""
+    if x.dim() == 1:
+        return F.linear(x, weight[0], None if bias is None else bias[0])
+    rows = _rows(weight, x)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
+    out = flat @ weight[rows].transpose(1, 2)  # [B, L, out]
+    if bias is not None:
+        out = out + bias[rows][:, None, :]
+    return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
 class _Tracer(nn.Module):
@@ -82,6 +98,13 @@ class _Tracer(nn.Module):
 
         return forward
 
+    def head_forward(self, start: int, head: AdaptedHead):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            bias = self.lambdas[start + 1] if head.linear.bias is not None else None
+            return _per_row_linear(x, self.lambdas[start], bias)
+
+        return forward
+
 
 def _tracer_class(n_inputs: int, n_lambdas: int) -> type[_Tracer]:
     """A _Tracer subclass whose forward has one named parameter per graph input.
@@ -99,19 +122,29 @@ def _tracer_class(n_inputs: int, n_lambdas: int) -> type[_Tracer]:
     return type("VeraTracer", (_Tracer,), {"forward": namespace["forward"]})
 
 
+def _patches(tracer: _Tracer, adapted: AdaptedModel) -> list[tuple[nn.Module, object]]:
+    """(module, forward) pairs: VeRA layers read their λ inputs, heads their weight inputs."""
+    patches = [(layer.module, tracer.vera_forward(i, layer)) for i, layer in enumerate(adapted.layers)]
+    start = 2 * len(adapted.layers)
+    for head in adapted.heads:
+        patches.append((head.module, tracer.head_forward(start, head)))
+        start += len(head.params())
+    return patches
+
+
 @contextlib.contextmanager
-def _patched(tracer: _Tracer, layers: tuple[AdaptedLayer, ...]) -> Iterator[None]:
-    """Route each VeRA layer's forward through the tracer; restore whatever was there after."""
-    saved = [layer.module.__dict__.get("forward") for layer in layers]
-    for index, layer in enumerate(layers):
-        layer.module.forward = tracer.vera_forward(index, layer)
+def _patched(patches: list[tuple[nn.Module, object]]) -> Iterator[None]:
+    """Route each module's forward through the tracer; restore whatever was there after."""
+    saved = [module.__dict__.get("forward") for module, _ in patches]
+    for module, forward in patches:
+        module.forward = forward
     try:
         yield
     finally:
-        for layer, forward in zip(layers, saved, strict=True):
-            del layer.module.forward
+        for (module, _), forward in zip(patches, saved, strict=True):
+            del module.forward
             if forward is not None:
-                layer.module.forward = forward
+                module.forward = forward
 
 
 def trace_to_onnx(
@@ -126,19 +159,19 @@ def trace_to_onnx(
     if any(isinstance(d, Dim) and d.name == TASK_DIM for s in specs for d in s.dims):
         raise VeraExportError(f"the dimension name '{TASK_DIM}' is reserved for the task dimension of λ inputs.")
     generator = torch.Generator().manual_seed(0)
-    lambda_inputs = adapted.lambdas()
+    task_inputs = adapted.task_params()
     lambdas = [
-        torch.randn((_TASKS_EXAMPLE, param.shape[0]), generator=generator, dtype=param.dtype)
-        for param in lambda_inputs.values()
+        torch.randn((_TASKS_EXAMPLE, *param.shape), generator=generator, dtype=param.dtype)
+        for param in task_inputs.values()
     ]
     tasks = torch.export.Dim(TASK_DIM, min=1)
     shapes = dynamic_shapes(specs) + [{0: tasks}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
-    with _patched(tracer, adapted.layers), _quiet(), _as_export_error("torch.export could not trace the model"):
+    with _patched(_patches(tracer, adapted)), _quiet(), _as_export_error("torch.export could not trace the model"):
         program = torch.onnx.export(
             tracer.eval(),
             tuple(examples + lambdas),
-            input_names=[s.name for s in specs] + list(lambda_inputs),
+            input_names=[s.name for s in specs] + list(task_inputs),
             output_names=output_names,
             opset_version=opset,
             dynamic_shapes=tuple(shapes),

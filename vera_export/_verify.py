@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vera_runtime._contract import LAMBDA_B
+from vera_runtime._contract import LAMBDA_D
 
 from ._discover import AdaptedModel
 from ._trace import flatten_outputs
@@ -56,7 +56,7 @@ def ort_session(path: str | Path):
 @contextlib.contextmanager
 def lambdas_set(adapted: AdaptedModel, values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily load other λ values into the model's own parameters."""
-    params = adapted.lambdas()
+    params = adapted.task_params()
     saved = {name: param.detach().clone() for name, param in params.items()}
     with torch.no_grad():
         try:
@@ -72,8 +72,8 @@ def random_task(adapted: AdaptedModel, seed: int = 1) -> dict[str, torch.Tensor]
     """λ values unlike any trained task, large enough to move every output."""
     generator = torch.Generator().manual_seed(seed)
     return {
-        name: torch.randn(param.shape, generator=generator) * (0.2 if name.endswith(LAMBDA_B) else 1.0)
-        for name, param in adapted.lambdas().items()
+        name: torch.randn(param.shape, generator=generator) * (1.0 if name.endswith(LAMBDA_D) else 0.2)
+        for name, param in adapted.task_params().items()
     }
 
 
@@ -114,7 +114,7 @@ def verify_export(
     ]
     batch = next(iter(examples.values())).shape[0]
     if batch >= 2 and all(value.shape[:1] == (batch,) for value in exported.values()):
-        current = {name: param.detach() for name, param in adapted.lambdas().items()}
+        current = {name: param.detach() for name, param in adapted.task_params().items()}
         rows = [(current, exported) if i % 2 == 0 else (other, randomised) for i in range(batch)]
         mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
         expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}

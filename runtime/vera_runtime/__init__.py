@@ -1,6 +1,6 @@
 """vera_runtime: the torch-free side of vera-export (numpy, safetensors and onnxruntime only)."""
 
-from ._contract import CONTRACT_VERSION, Contract, ContractError, LayerSpec, fingerprint
+from ._contract import CONTRACT_VERSION, Contract, ContractError, HeadSpec, LayerSpec, fingerprint
 from ._errors import DeviceError, FeedError
 from ._feeds import InputInfo
 from ._session import VeraSession
@@ -22,6 +22,7 @@ __all__ = [
     "ContractError",
     "DeviceError",
     "FeedError",
+    "HeadSpec",
     "InputInfo",
     "LayerSpec",
     "TASK_SUFFIX",

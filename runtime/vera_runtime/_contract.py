@@ -23,6 +23,7 @@ KEY_RECIPE = _PREFIX + "projection_recipe"
 KEY_LAYERS = _PREFIX + "layers"
 KEY_DEFAULT_TASK = _PREFIX + "default_task"
 KEY_FINGERPRINT = _PREFIX + "fingerprint"
+KEY_HEADS = _PREFIX + "heads"
 
 LAMBDA_D = "vera_lambda_d"
 LAMBDA_B = "vera_lambda_b"
@@ -50,6 +51,23 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """A linear layer trained per task (PEFT's ``modules_to_save``, e.g. a classifier): its
+    weight ``[tasks, out, in]`` and bias ``[tasks, out]`` are task inputs too."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {f"{self.name}.weight": (self.out_features, self.in_features)}
+        if self.bias:
+            shapes[f"{self.name}.bias"] = (self.out_features,)
+        return shapes
+
+
+@dataclasses.dataclass(frozen=True)
 class Contract:
     """What the graph's metadata says about its VeRA layers (contract version 1)."""
 
@@ -59,6 +77,7 @@ class Contract:
     layers: tuple[LayerSpec, ...]
     default_task: str
     fingerprint: str
+    heads: tuple[HeadSpec, ...] = ()
     version: str = CONTRACT_VERSION
 
     def task_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -67,11 +86,14 @@ class Contract:
         for layer in self.layers:
             shapes[layer.lambda_d] = (self.r,)
             shapes[layer.lambda_b] = (layer.out_features,)
+        for head in self.heads:
+            shapes.update(head.shapes())
         return shapes
 
     def to_metadata(self) -> dict[str, str]:
         layers = [dataclasses.asdict(layer) for layer in self.layers]
-        return {
+        heads = {KEY_HEADS: json.dumps([dataclasses.asdict(h) for h in self.heads], separators=(",", ":"))}
+        return (heads if self.heads else {}) | {
             KEY_VERSION: self.version,
             KEY_R: str(self.r),
             KEY_SEED: "" if self.seed is None else str(self.seed),
@@ -96,6 +118,7 @@ class Contract:
             )
         try:
             layers = tuple(LayerSpec(**entry) for entry in json.loads(metadata[KEY_LAYERS]))
+            heads = tuple(HeadSpec(**entry) for entry in json.loads(metadata.get(KEY_HEADS) or "[]"))
             seed = metadata[KEY_SEED]
             return cls(
                 r=int(metadata[KEY_R]),
@@ -104,16 +127,18 @@ class Contract:
                 layers=layers,
                 default_task=metadata[KEY_DEFAULT_TASK],
                 fingerprint=metadata[KEY_FINGERPRINT],
+                heads=heads,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source} has malformed vera metadata ({exc!r}): re-export it.") from exc
 
 
-def fingerprint(vera_a: np.ndarray, vera_b: np.ndarray, layers: tuple[LayerSpec, ...]) -> str:
-    """SHA-256 of the shared projections and the layer table: what a task's vectors depend on.
-
-    Vectors trained against other A/B values, or for other layers, are meaningless for this graph.
-    """
+def fingerprint(
+    vera_a: np.ndarray, vera_b: np.ndarray, layers: tuple[LayerSpec, ...], heads: tuple[HeadSpec, ...] = ()
+) -> str:
+    """SHA-256 of the shared projections, the layer table and the per-task heads: what a task's
+    tensors depend on. Vectors trained against other A/B values, or for other layers, are
+    meaningless for this graph."""
     digest = hashlib.sha256(b"vera-export fingerprint v1\0")
     for array in (vera_a, vera_b):
         array = np.ascontiguousarray(array)
@@ -121,4 +146,6 @@ def fingerprint(vera_a: np.ndarray, vera_b: np.ndarray, layers: tuple[LayerSpec,
         digest.update(array.tobytes())
     table = [dataclasses.astuple(layer) for layer in layers]
     digest.update(json.dumps(table, separators=(",", ":")).encode())
+    if heads:  # graphs without heads keep the fingerprint they had before heads existed
+        digest.update(json.dumps([dataclasses.astuple(h) for h in heads], separators=(",", ":")).encode())
     return digest.hexdigest()

@@ -33,7 +33,8 @@ def _peft_fingerprint(path: Path, tensors: dict[str, np.ndarray], contract: Cont
     """PEFT stores A and B when save_projection=True: then the fingerprint can be checked exactly.
     Without them, the seed and r in adapter_config.json are all there is to check."""
     if all(key in tensors for key in _PEFT_PROJECTIONS):
-        return fingerprint(tensors[_PEFT_PROJECTIONS[0]], tensors[_PEFT_PROJECTIONS[1]], contract.layers)
+        vera_a, vera_b = (tensors[key] for key in _PEFT_PROJECTIONS)
+        return fingerprint(vera_a, vera_b, contract.layers, contract.heads)
     config_path = path.with_name("adapter_config.json")
     if config_path.is_file():
         config = json.loads(config_path.read_text())
