@@ -5,6 +5,7 @@ from ._errors import UntrustedFileError, VeraExportError
 from ._export import ExportResult, add_task, export, read_contract
 from ._inputs import Dim, InputSpec
 from ._layer import VeraConfig, VeraLinear, apply_vera
+from ._peft import PeftExportResult, export_peft
 from ._verify import Verification
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ExportResult",
     "InputSpec",
     "LoadedModel",
+    "PeftExportResult",
     "UntrustedFileError",
     "Verification",
     "VeraConfig",
@@ -20,6 +22,7 @@ __all__ = [
     "add_task",
     "apply_vera",
     "export",
+    "export_peft",
     "load_model",
     "read_contract",
     "save_checkpoint",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -14,6 +16,7 @@ from ._checkpoint import TRUST_FLAG, load_model
 from ._errors import VeraExportError
 from ._export import DEFAULT_OPSET, DEFAULT_TOLERANCE, add_task, export
 from ._inspect import inspect_graph
+from ._peft import export_peft
 
 _EXPECTED = (VeraExportError, TaskFileError, ContractError)
 _TASK_NAME_HELP = "Name of the task (default: the checkpoint's or PEFT adapter's, else 'default')."
@@ -35,6 +38,8 @@ def _errors_as_messages(command):
     def wrapper(*args, verbose: bool, **kwargs):
         try:
             return command(*args, **kwargs)
+        except click.ClickException:
+            raise
         except _EXPECTED as exc:
             if verbose:
                 raise
@@ -67,7 +72,7 @@ def main() -> None:
 
 
 @main.command("export")
-@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
 @click.option("--input", "inputs", multiple=True, metavar="SPEC",
               help="A forward argument as NAME:DTYPE[<HIGH]:DIMS, e.g. input_ids:int64<1000:batch=2,sequence=8;"
@@ -80,22 +85,57 @@ def main() -> None:
 @click.option(TRUST_FLAG, "trust_pickle", is_flag=True,
               help="Allow a pickle that needs classes outside the allowlist."
                    " Runs code from the file: only for files you trust.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="PEFT adapters: the transformers base model folder"
+                   " (default: the adapter's base_model_name_or_path).")
+@click.option("--task", "more_tasks", multiple=True, metavar="NAME=ADAPTER_DIR",
+              help="PEFT adapters: another adapter over the same base, written as task NAME. Repeatable.")
 @_errors_as_messages
-def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, trust_pickle) -> None:
-    """Export MODEL (torch.save(model) or a vera-export checkpoint) to one ONNX graph plus task files."""
+def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, trust_pickle, base,
+                   more_tasks) -> None:
+    """Export MODEL to one ONNX graph plus task files.
+
+    MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
+    (save_pretrained output) over a transformers base model (--base).
+    """
     progress = _progress(time.perf_counter())
-    progress(f"Loading {model_path} ...")
-    loaded = load_model(model_path, trust_pickle=trust_pickle)
-    result = export(
-        loaded.model, out, inputs=inputs or None, task_name=task_name or loaded.task_name,
-        opset=opset, verify=not no_verify, tolerance=tolerance, progress=progress,
-    )
+    options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance}
+    if Path(model_path).is_dir():
+        adapters = {task_name or _task_name_of(model_path): model_path, **_parse_tasks(more_tasks)}
+        peft_result = export_peft(adapters, out, base=base, progress=progress,
+                                  **{k: v for k, v in options.items() if v is not None})
+        result = peft_result.export
+        for note in peft_result.notes:
+            click.echo(f"Note: {note}", err=True)
+    else:
+        if base or more_tasks:
+            raise click.UsageError("--base and --task apply to PEFT adapter folders; MODEL is a file.")
+        progress(f"Loading {model_path} ...")
+        loaded = load_model(model_path, trust_pickle=trust_pickle)
+        result = export(loaded.model, out, task_name=task_name or loaded.task_name, progress=progress, **options)
+        peft_result = None
     if result.verification is not None:
         for check in result.verification.checks:
             line = f"  {check.name}: max |diff| {check.max_abs_diff:.2e} (outputs up to {check.scale:.3g})"
             click.echo(line, err=True)
     click.echo(f"Wrote {result.onnx_path} ({len(result.contract.layers)} VeRA layers, r={result.contract.r})")
     click.echo(f"Wrote task '{result.contract.default_task}': {result.task_path} and {result.adapter_path}")
+    for path in peft_result.task_files[1:] if peft_result else ():
+        click.echo(f"Wrote task file {path} (and its .onnx_adapter)")
+
+
+def _task_name_of(folder: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(folder).resolve().name).lstrip("-._") or "default"
+
+
+def _parse_tasks(entries: tuple[str, ...]) -> dict[str, str]:
+    tasks = {}
+    for entry in entries:
+        name, _, folder = entry.partition("=")
+        if not name or not folder:
+            raise click.BadParameter(f"{entry!r}: expected NAME=ADAPTER_DIR", param_hint="--task")
+        tasks[name] = folder
+    return tasks
 
 
 @main.command("task")
