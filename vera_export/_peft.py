@@ -92,6 +92,7 @@ def check_compatible(adapters: list[Adapter]) -> list[str]:
                     f"adapters '{first.name}' and '{other.name}' store different {key.split('.')[-1]}"
                     " (same seed, other layers targeted?): they cannot share one graph."
                 )
+    _check_trained_biases(adapters)
     notes = []
     for adapter in adapters:
         if all(key in adapter.tensors for key in _PROJECTIONS):
@@ -104,6 +105,29 @@ def check_compatible(adapters: list[Adapter]) -> list[str]:
                     " recipe: the graph uses the stored ones."
                 )
     return notes
+
+
+def _trained_biases(adapter: Adapter) -> dict[str, np.ndarray]:
+    """Biases trained with bias='all' or 'vera_only': in the file, but neither λ nor a saved head."""
+    heads = tuple(f".{m}." for m in adapter.config.get("modules_to_save") or ())
+    return {
+        key: value for key, value in adapter.tensors.items()
+        if key.endswith(".bias") and "vera_lambda" not in key and not any(h in f".{key}" for h in heads)
+    }
+
+
+def _check_trained_biases(adapters: list[Adapter]) -> None:
+    """Trained biases become base weights of the graph: every adapter must agree on them."""
+    first = _trained_biases(adapters[0])
+    for other in adapters[1:]:
+        theirs = _trained_biases(other)
+        for key in sorted(set(first) | set(theirs)):
+            if key not in first or key not in theirs or not np.array_equal(first[key], theirs[key]):
+                raise VeraExportError(
+                    f"adapters '{adapters[0].name}' and '{other.name}' train different biases ('{key}',"
+                    f" bias={other.config.get('bias')!r}): biases are base weights of the graph, not task"
+                    " inputs. Export these adapters as separate graphs, or train with bias='none'."
+                )
 
 
 def resolve_base(base: str | os.PathLike | None, adapters: list[Adapter]) -> Path:
@@ -133,6 +157,9 @@ def _auto_class(task_type: str | None):
 
 
 def load_base(path: Path, task_type: str | None) -> nn.Module:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         model = _auto_class(task_type).from_pretrained(
             str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager"
