@@ -105,3 +105,13 @@ def test_adapter_written_from_temporary_arrays_holds_the_values(tmp_path):
     assert version == 0xABCDEF0
     for i in range(8):
         np.testing.assert_array_equal(tensors[f"l{i}.vera_lambda_d"], np.full((1, 256), i, np.float32))
+
+
+def test_written_files_are_readable_like_any_other(encoder):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (encoder.path, encoder.result.task_path, encoder.result.adapter_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

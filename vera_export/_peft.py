@@ -156,13 +156,23 @@ def _auto_class(task_type: str | None):
     }.get(task_type or "", transformers.AutoModel)
 
 
-def load_base(path: Path, task_type: str | None) -> nn.Module:
+def _head_size(adapter: Adapter) -> dict:
+    """A classification adapter's head fixes num_labels, which a bare base folder may not know."""
+    if adapter.config.get("task_type") not in ("SEQ_CLS", "TOKEN_CLS"):
+        return {}
+    heads = [v for k, v in adapter.tensors.items() if k.endswith((".classifier.weight", ".score.weight"))]
+    return {"num_labels": heads[0].shape[0]} if heads else {}
+
+
+def load_base(path: Path, adapter: Adapter) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # "newly initialized" heads are expected: the adapter brings them
     try:
-        model = _auto_class(task_type).from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+        model = _auto_class(adapter.config.get("task_type")).from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager",
+            **_head_size(adapter),
         )
     except Exception as exc:  # transformers raises many types for a bad folder
         raise VeraExportError(f"cannot load the base model from {path}: {str(exc).splitlines()[0]}") from None
@@ -195,7 +205,7 @@ def load_peft_models(adapters: list[Adapter], base: str | os.PathLike | None) ->
 
     notes = check_compatible(adapters)
     base_path = resolve_base(base, adapters)
-    model = load_base(base_path, adapters[0].config.get("task_type"))
+    model = load_base(base_path, adapters[0])
     first = adapters[0]
     try:
         model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name)
