@@ -126,7 +126,7 @@ def predict(graph: Path) -> None:
     encoded = _tokenizer()(EXAMPLES, padding=True, return_tensors="np")
     feeds = {"input_ids": encoded["input_ids"].astype(np.int64),
              "attention_mask": encoded["attention_mask"].astype(np.int64)}
-    labels = {name: json.loads((HERE / name / "labels.json").read_text()) for name in names}
+    labels = {name: TASKS[name]["labels"] for name in names}
     print(f"{'sentence':<48}" + "".join(f"{name:>14}" for name in names))
     predictions = {name: session.run(feeds, task=name)["logits"].argmax(-1) for name in names}
     for row, text in enumerate(EXAMPLES):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def check_compatible(adapters: list[Adapter]) -> list[str]:
     _check_trained_biases(adapters)
     notes = []
     for adapter in adapters:
-        if all(key in adapter.tensors for key in _PROJECTIONS):
+        if not any(key in adapter.tensors for key in _PROJECTIONS):
+            seed = adapter.config.get("projection_prng_key")
+            notes.append(f"adapter '{adapter.name}' stores no A/B: regenerated from projection_prng_key={seed}.")
+        elif all(key in adapter.tensors for key in _PROJECTIONS):
             vera_a, vera_b = (adapter.tensors[key] for key in _PROJECTIONS)
             seed = adapter.config["projection_prng_key"]
             recipe_a, recipe_b = make_projections(vera_a.shape[0], vera_a.shape[1], vera_b.shape[0], seed)
@@ -208,9 +212,11 @@ def load_peft_models(adapters: list[Adapter], base: str | os.PathLike | None) ->
     model = load_base(base_path, adapters[0])
     first = adapters[0]
     try:
-        model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name)
-        for adapter in adapters[1:]:
-            model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+        with warnings.catch_warnings():  # PEFT's warnings repeat what our notes and checks say
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name)
+            for adapter in adapters[1:]:
+                model.load_adapter(str(adapter.path), adapter_name=adapter.name)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise VeraExportError(
             f"base model {base_path} does not match the adapters: {str(exc).splitlines()[0]}"
