@@ -249,3 +249,47 @@ def test_cuda_session_matches_cpu_per_call_and_per_row(vera, encoder):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     on_device = gpu.run(feeds, task="a", keep_on_device=True)["logits"]
     assert on_device.device_name().lower() == "cuda"
+
+
+@pytest.fixture(scope="module")
+def hot_graph(tmp_path_factory):
+    import vera_models
+    from vera_export import export
+
+    out = tmp_path_factory.mktemp("hot") / "decoder.onnx"
+    export(vera_models.make_task(vera_models.build("tiny-decoder"), 5), out, hot_template=True)
+    return out
+
+
+def test_hot_path_serves_a_task_at_merged_form_with_the_same_outputs(hot_graph, tmp_path):
+    import vera_models
+    from vera_export._discover import find_vera_layers
+    from vera_export._verify import random_task as draw
+
+    sess = VeraSession(hot_graph, device="cpu")
+    assert sess.hot_tasks == 1 and sess.load_tasks_beside() == ["default"]
+    other = {k: v.numpy() for k, v in draw(find_vera_layers(vera_models.build("tiny-decoder")), 8).items()}
+    write_task(tmp_path / "other.task.safetensors", Task("other", sess.contract.fingerprint, other))
+    sess.load_task("other", tmp_path / "other.task.safetensors")
+    feeds = {"input_ids": np.random.default_rng(1).integers(0, 8192, (2, 11))}
+    factored = {name: sess.run(feeds, task=name)["logits"] for name in ("default", "other")}
+    sess.specialize("default").result()
+    assert sess.hot == ("default",)
+    hot = sess.run(feeds, task="default")["logits"]
+    assert np.abs(hot - factored["default"]).max() <= 1e-5 * np.abs(factored["default"]).max()
+    sess.specialize("other").result()
+    assert sess.hot == ("other",)  # one hot task by default: the older one was dropped
+    hot_other = sess.run(feeds, task="other")["logits"]
+    assert np.abs(hot_other - factored["other"]).max() <= 1e-5 * np.abs(factored["other"]).max()
+    mixed = sess.run(feeds, tasks=["other", "default"])["logits"]  # rows still use the factored graph
+    np.testing.assert_allclose(mixed[1], factored["default"][1], rtol=0, atol=1e-5 * np.abs(mixed).max())
+    sess.unload_task("other")
+    assert sess.hot == ()
+
+
+def test_without_hot_template_specialize_says_how_to_get_one(encoder):
+    sess = VeraSession(encoder.path, device="cpu")
+    assert sess.hot_tasks == 0
+    sess.load_tasks_beside()
+    with pytest.raises(FileNotFoundError, match="--hot-template"):
+        sess.specialize("default")

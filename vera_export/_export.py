@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -25,7 +26,7 @@ from vera_runtime import (
     write_onnx_adapter,
     write_task,
 )
-from vera_runtime._io import atomic_path
+from vera_runtime._io import atomic_path, give_default_mode
 from vera_runtime._taskfile import check_task_name
 
 from . import _passes
@@ -112,14 +113,22 @@ def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
     return Task(adapted.task_name, contract.fingerprint, tensors)
 
 
-def _build_graph(model, adapted, specs, examples, opset, contract, task) -> ir.Model:
+def hot_template_path(onnx_path: Path) -> Path:
+    """The hot template of a graph: ``<stem>.hot.onnx`` beside it."""
+    return onnx_path.with_name(f"{onnx_path.with_suffix('').name}.hot.onnx")
+
+
+def _build_graph(model, adapted, specs, examples, opset, contract, task, merged=False) -> ir.Model:
     output_names = list(flatten_outputs(_eager(model, examples)))
-    graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset)
+    graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset, merged)
     _passes.fold_constants(graph)
     _passes.strip_trace_metadata(graph)
     _passes.name_projections(graph, adapted.vera_a.detach().cpu().numpy(), adapted.vera_b.detach().cpu().numpy())
     _passes.strip_prefix(graph, "model.")
-    _passes.add_task_defaults(graph, task.tensors)
+    if merged:
+        _passes.inline_task(graph, task.tensors)
+    else:
+        _passes.add_task_defaults(graph, task.tensors)
     _passes.set_metadata(graph, contract)
     return graph
 
@@ -130,9 +139,30 @@ def _eager(model: nn.Module, examples: dict[str, torch.Tensor]):
 
 
 def _save(graph: ir.Model, path: Path, final: Path) -> None:
+    if graph.metadata_props.get(_passes.HOT_TEMPLATE_KEY):
+        return _save_hot_template(graph, path, final)
     nbytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     external = f"{final.name}.data" if nbytes > _EXTERNAL_DATA_BYTES else None
     ir.save(graph, path, external_data=external)
+
+
+def _save_hot_template(graph: ir.Model, path: Path, final: Path) -> None:
+    """The task tensors go to ``<final>.data``: ONNX Runtime replaces external initializers
+    (SessionOptions.add_external_initializers) before it optimises, so a hot session folds the
+    task's values into the weights. Values replaced with add_initializer come too late for that."""
+    import onnx
+    from onnx import external_data_helper
+
+    proto = ir.to_proto(graph)
+    task_names = set(json.loads(graph.metadata_props[_passes.HOT_TEMPLATE_KEY]))
+    data = final.with_name(f"{final.name}.data")
+    data.unlink(missing_ok=True)  # the helper appends
+    for tensor in proto.graph.initializer:
+        if tensor.name in task_names:
+            external_data_helper.set_external_data(tensor, location=data.name)
+    external_data_helper.write_external_data_tensors(proto, str(final.parent))
+    give_default_mode(data)
+    onnx.save(proto, str(path))
 
 
 def _require_pass(verification: Verification) -> Verification:
@@ -146,13 +176,16 @@ def _require_pass(verification: Verification) -> Verification:
     return verification
 
 
-def _write_all(graph: ir.Model, task: Task, paths: tuple[Path, Path, Path], check) -> Verification | None:
-    """Write the graph and both task files under temporary names; rename them only if all succeed
-    (and ``check``, given the temporary graph, passes)."""
+def _write_all(graphs: dict[Path, ir.Model], task: Task, paths: tuple[Path, Path], check) -> Verification | None:
+    """Write the graphs and both task files under temporary names; rename them only if all succeed
+    (and ``check``, given the temporary graphs in the same order, passes)."""
     with contextlib.ExitStack() as stack:
-        tmp_out, tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
-        _save(graph, tmp_out, paths[0])
-        verification = check(tmp_out) if check else None
+        temporary = []
+        for final, graph in graphs.items():
+            temporary.append(stack.enter_context(atomic_path(final)))
+            _save(graph, temporary[-1], final)
+        tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
+        verification = check(*temporary) if check else None
         write_task(tmp_task, task)
         write_onnx_adapter(tmp_adapter, task)
     return verification
@@ -167,12 +200,15 @@ def export(
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    hot_template: bool = False,
     progress: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
     """Export a VeRA-adapted ``model`` (ours or PEFT's) to one ONNX graph at ``out``.
 
     Writes ``out``, plus the exported task as ``<stem>.<task>.task.safetensors`` and
     ``<stem>.<task>.onnx_adapter`` beside it. Nothing is left behind if any step fails.
+    ``hot_template`` also writes ``<stem>.hot.onnx``, the merged form that lets the runtime serve
+    one task at merged-graph speed (a second copy of the weights on disk).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -186,15 +222,18 @@ def export(
     contract = _contract(adapted)
     task = current_task(adapted, contract)
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
-    graph = _build_graph(model, adapted, specs, examples, opset, contract, task)
+    graphs = {out: _build_graph(model, adapted, specs, examples, opset, contract, task)}
+    if hot_template:
+        progress("Tracing the hot template (merged weights) ...")
+        graphs[hot_template_path(out)] = _build_graph(model, adapted, specs, examples, opset, contract, task, True)
     task_path, adapter_path = task_paths(out, adapted.task_name)
 
-    def check(path: Path) -> Verification:
+    def check(path: Path, hot: Path | None = None) -> Verification:
         progress("Verifying ONNX Runtime against PyTorch ...")
-        return _require_pass(verify_export(model, adapted, path, examples, tolerance))
+        return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 
     try:
-        verification = _write_all(graph, task, (out, task_path, adapter_path), check if verify else None)
+        verification = _write_all(graphs, task, (task_path, adapter_path), check if verify else None)
     except OSError as exc:
         raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)

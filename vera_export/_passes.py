@@ -5,6 +5,8 @@ Each function is one in-place transformation of an ``onnx_ir.Model``, small enou
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -79,6 +81,21 @@ def add_task_defaults(model: ir.Model, tensors: dict[str, np.ndarray]) -> None:
     for name, array in tensors.items():
         value = inputs[name]
         value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32)[None], name=name)
+        model.graph.register_initializer(value)
+
+
+HOT_TEMPLATE_KEY = "vera.hot_template_tensors"
+
+
+def inline_task(model: ir.Model, tensors: dict[str, np.ndarray]) -> None:
+    """Turn task inputs into plain initializers (the hot template): values a session replaces
+    with its task's, and that ONNX Runtime then treats as constants."""
+    model.metadata_props[HOT_TEMPLATE_KEY] = json.dumps(list(tensors))
+    for name, array in tensors.items():
+        value = next(v for v in model.graph.inputs if v.name == name)
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32)[None], name=name)
+        value.shape = ir.Shape(value.const_value.shape)
         model.graph.register_initializer(value)
 
 

@@ -79,6 +79,7 @@ class _Tracer(nn.Module):
         self.input_names = input_names
         self.output_names = output_names
         self.lambdas: tuple[torch.Tensor, ...] = ()
+        self.merged = False  # True: trace the hot template, W + ΔW(λ) for one task (T = 1)
 
     def run(self, inputs: tuple[torch.Tensor, ...], lambdas: tuple[torch.Tensor, ...]):
         self.lambdas = lambdas
@@ -93,6 +94,10 @@ class _Tracer(nn.Module):
             lambda_d, lambda_b = self.lambdas[2 * index], self.lambdas[2 * index + 1]
             vera_a = self.vera_A[:, : layer.in_features]
             vera_b = self.vera_B[: layer.out_features, :]
+            if self.merged:  # once λ are constants, ONNX Runtime folds all of this into one weight
+                delta = (lambda_b[0][:, None] * vera_b) @ (lambda_d[0][:, None] * vera_a)
+                weight = layer.base.weight if isinstance(layer.base, nn.Linear) else layer.base.weight.T
+                return F.linear(x.to(lambda_d.dtype), weight + delta, layer.base.bias)
             hidden = _per_row(lambda_d, x) * F.linear(x.to(lambda_d.dtype), vera_a)
             return layer.base(x) + _per_row(lambda_b, x) * F.linear(hidden, vera_b)
 
@@ -101,6 +106,8 @@ class _Tracer(nn.Module):
     def head_forward(self, start: int, head: AdaptedHead):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             bias = self.lambdas[start + 1] if head.linear.bias is not None else None
+            if self.merged:
+                return F.linear(x, self.lambdas[start][0], None if bias is None else bias[0])
             return _per_row_linear(x, self.lambdas[start], bias)
 
         return forward
@@ -154,19 +161,25 @@ def trace_to_onnx(
     examples: list[torch.Tensor],
     output_names: list[str],
     opset: int,
+    merged: bool = False,
 ) -> ir.Model:
-    """Export ``model`` with torch.export; λ inputs come after the model inputs, d then b per layer."""
+    """Export ``model`` with torch.export; λ inputs come after the model inputs, d then b per layer.
+
+    ``merged`` traces the hot template instead: each adapted layer as one linear layer with weight
+    ``W + ΔW(λ)``, for a single task (λ inputs of shape ``[1, n]``).
+    """
     if any(isinstance(d, Dim) and d.name == TASK_DIM for s in specs for d in s.dims):
         raise VeraExportError(f"the dimension name '{TASK_DIM}' is reserved for the task dimension of λ inputs.")
     generator = torch.Generator().manual_seed(0)
     task_inputs = adapted.task_params()
     lambdas = [
-        torch.randn((_TASKS_EXAMPLE, *param.shape), generator=generator, dtype=param.dtype)
+        torch.randn((1 if merged else _TASKS_EXAMPLE, *param.shape), generator=generator, dtype=param.dtype)
         for param in task_inputs.values()
     ]
-    tasks = torch.export.Dim(TASK_DIM, min=1)
-    shapes = dynamic_shapes(specs) + [{0: tasks}] * len(lambdas)
+    tasks = None if merged else torch.export.Dim(TASK_DIM, min=1)
+    shapes = dynamic_shapes(specs) + [{0: tasks} if tasks else {}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
+    tracer.merged = merged
     with _patched(_patches(tracer, adapted)), _quiet(), _as_export_error("torch.export could not trace the model"):
         program = torch.onnx.export(
             tracer.eval(),

@@ -94,6 +94,7 @@ def verify_export(
     onnx_path: Path,
     examples: dict[str, torch.Tensor],
     tolerance: float,
+    hot_template: Path | None = None,
 ) -> Verification:
     """Compare ORT with PyTorch for the exported task (λ defaults), a random λ set fed as inputs,
     and a mixed batch whose rows alternate between those two tasks (T = batch)."""
@@ -119,4 +120,8 @@ def verify_export(
         mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
         expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}
         checks.append(_compare("mixed batch (a task per row)", run(mixed), expected))
+    if hot_template is not None:
+        hot = ort_session(hot_template)
+        checks.append(_compare("hot template (exported task)", dict(zip(output_names, hot.run(output_names, feeds),
+                                                                            strict=True)), exported))
     return Verification(tuple(checks), tolerance)

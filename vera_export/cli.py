@@ -82,6 +82,9 @@ def main() -> None:
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TOLERANCE, show_default=True,
               help="Largest ORT-vs-PyTorch difference accepted, relative to the outputs' largest magnitude.")
 @click.option("--no-verify", is_flag=True, help="Skip running the graph in ONNX Runtime against PyTorch.")
+@click.option("--hot-template", is_flag=True,
+              help="Also write <stem>.hot.onnx, with which the runtime serves a task at merged-graph speed"
+                   " (a second copy of the weights on disk).")
 @click.option(TRUST_FLAG, "trust_pickle", is_flag=True,
               help="Allow a pickle that needs classes outside the allowlist."
                    " Runs code from the file: only for files you trust.")
@@ -91,15 +94,16 @@ def main() -> None:
 @click.option("--task", "more_tasks", multiple=True, metavar="NAME=ADAPTER_DIR",
               help="PEFT adapters: another adapter over the same base, written as task NAME. Repeatable.")
 @_errors_as_messages
-def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, trust_pickle, base,
-                   more_tasks) -> None:
+def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, hot_template, trust_pickle,
+                   base, more_tasks) -> None:
     """Export MODEL to one ONNX graph plus task files.
 
     MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
     (save_pretrained output) over a transformers base model (--base).
     """
     progress = _progress(time.perf_counter())
-    options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance}
+    options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
+               "hot_template": hot_template}
     if Path(model_path).is_dir():
         adapters = {task_name or _task_name_of(model_path): model_path, **_parse_tasks(more_tasks)}
         peft_result = export_peft(adapters, out, base=base, progress=progress,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import os
 import threading
@@ -17,9 +18,20 @@ from ._device import create_session
 from ._errors import FeedError
 from ._feeds import InputInfo, check_feeds
 from ._loaders import load_any_task
-from ._taskfile import TASK_SUFFIX, check_task_name
+from ._taskfile import TASK_SUFFIX, TaskFileError, check_task_name
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
+HOT_SUFFIX = ".hot.onnx"
+
+
+@dataclasses.dataclass(frozen=True)
+class _HotSession:
+    """A session of the hot template with one task's tensors as constant initializers: ONNX
+    Runtime folds W + ΔW at creation, so runs cost what a merged graph costs."""
+
+    task: _LoadedTask
+    session: ort.InferenceSession
+    values: list[ort.OrtValue]  # add_initializer does not own them: they live as long as the session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +48,12 @@ class VeraSession:
     ``device``: "auto" (CUDA when ONNX Runtime's CUDA provider really starts, else CPU), "cpu"
     or "cuda" (raises DeviceError naming what is missing). On CUDA, task vectors are copied to
     the GPU once, when loaded, and runs bind them with IOBinding.
+
+    ``hot_tasks``: how many tasks to also serve at merged-graph speed, from the hot template
+    (``<stem>.hot.onnx``, written by ``vera-export --hot-template``). A task used with ``task=``
+    is specialised in the background while the factored graph keeps serving it; the least
+    recently specialised task is dropped beyond ``hot_tasks``. Default: 1 when the template
+    exists, else 0. Each hot task holds a session, so a copy of the weights, in memory.
     """
 
     def __init__(
@@ -45,6 +63,7 @@ class VeraSession:
         *,
         threads: int | None = None,
         session_options: ort.SessionOptions | None = None,
+        hot_tasks: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -53,6 +72,7 @@ class VeraSession:
         options.log_severity_level = max(options.log_severity_level, 3)  # one warning per λ default otherwise
         if threads:
             options.intra_op_num_threads = threads
+        self._options = options
         self._session, self.device = create_session(str(self.model_path), device, options)
         metadata = self._session.get_modelmeta().custom_metadata_map
         self.contract = Contract.from_metadata(metadata, str(self.model_path))
@@ -62,6 +82,13 @@ class VeraSession:
         self._tasks: dict[str, _LoadedTask] = {}
         self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.hot_template = self.model_path.with_name(self.model_path.with_suffix("").name + HOT_SUFFIX)
+        if hot_tasks is None:
+            hot_tasks = 1 if self.hot_template.is_file() else 0
+        self.hot_tasks = hot_tasks
+        self._hot: collections.OrderedDict[str, _HotSession] = collections.OrderedDict()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vera-hot")
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -100,6 +127,7 @@ class VeraSession:
         with self._lock:
             self._tasks[name] = loaded
             self._forget_rows(name)
+            self._hot.pop(name, None)
 
     def load_tasks_beside(self) -> list[str]:
         """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``)."""
@@ -117,6 +145,7 @@ class VeraSession:
                 raise KeyError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}.")
             del self._tasks[name]
             self._forget_rows(name)
+            self._hot.pop(name, None)
 
     def _forget_rows(self, name: str) -> None:
         for key in [key for key in self._rows if name in key]:
@@ -150,7 +179,10 @@ class VeraSession:
         if unknown:
             raise FeedError(f"the graph has no output {unknown}; its outputs are {self.output_names}.")
         with self._lock:  # a consistent view of the tasks; the run itself is outside the lock
-            lambdas = self._lambdas(task, tasks, batch)
+            hot = self._hot_for(task, tasks)
+            lambdas = {} if hot else self._lambdas(task, tasks, batch)
+        if hot is not None:
+            return dict(zip(names, hot.session.run(names, dict(feeds)), strict=True))
         if self.device == "cuda":
             return self._run_bound(feeds, lambdas, names, keep_on_device)
         return dict(zip(names, self._session.run(names, {**feeds, **lambdas}), strict=True))
@@ -168,6 +200,60 @@ class VeraSession:
             return {}
         loaded = self._get(task)
         return loaded.on_device if loaded.on_device is not None else loaded.feeds
+
+    # -- hot tasks -----------------------------------------------------------------------
+
+    @property
+    def hot(self) -> tuple[str, ...]:
+        """Tasks served from a specialised session right now."""
+        return tuple(self._hot)
+
+    def specialize(self, name: str) -> concurrent.futures.Future:
+        """Build ``name``'s hot session in the background; the returned future completes when it serves."""
+        if not self.hot_template.is_file():
+            raise FileNotFoundError(
+                f"no hot template {self.hot_template}: export with `vera-export ... --hot-template`."
+            )
+        with self._lock:
+            task = self._get(name)
+            if name in self._pending:
+                return self._pending[name]
+            future = self._executor.submit(self._build_hot, task)
+            self._pending[name] = future
+        return future
+
+    def _hot_for(self, task: str | None, tasks: Sequence[str] | None) -> _HotSession | None:
+        """The hot session for a single-task run, scheduling one when the task has none yet."""
+        if task is None or tasks is not None or not self.hot_tasks or self.device == "cuda":
+            return None
+        hot = self._hot.get(task)
+        if hot is not None and hot.task is self._tasks.get(task):
+            self._hot.move_to_end(task)
+            return hot
+        if task not in self._pending and task in self._tasks and self.hot_template.is_file():
+            self._pending[task] = self._executor.submit(self._build_hot, self._tasks[task])
+        return None
+
+    def _build_hot(self, task: _LoadedTask) -> None:
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.intra_op_num_threads = self._options.intra_op_num_threads
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in task.feeds.values()]
+            # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
+            options.add_external_initializers(list(task.feeds), values)
+            session = ort.InferenceSession(str(self.hot_template), options, providers=["CPUExecutionProvider"])
+            metadata = session.get_modelmeta().custom_metadata_map
+            if Contract.from_metadata(metadata, str(self.hot_template)).fingerprint != self.contract.fingerprint:
+                raise TaskFileError(f"{self.hot_template} belongs to another graph than {self.model_path}.")
+            with self._lock:
+                if self._tasks.get(task.name) is task:  # not unloaded or replaced meanwhile
+                    self._hot[task.name] = _HotSession(task, session, values)
+                    while len(self._hot) > max(self.hot_tasks, 1):
+                        self._hot.popitem(last=False)
+        finally:
+            with self._lock:
+                self._pending.pop(task.name, None)
 
     def _row_lambdas(self, tasks: tuple[str, ...]) -> dict:
         if self.device == "cuda" and tasks in self._rows:
