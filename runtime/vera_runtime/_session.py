@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import threading
@@ -21,6 +22,7 @@ from ._loaders import load_any_task
 from ._taskfile import TASK_SUFFIX, TaskFileError, check_task_name
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
+_INHERITED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 HOT_SUFFIX = ".hot.onnx"
 
 
@@ -239,6 +241,9 @@ class VeraSession:
             options = ort.SessionOptions()
             options.log_severity_level = 3
             options.intra_op_num_threads = self._options.intra_op_num_threads
+            for key in _INHERITED_CONFIG:  # what the caller set on their options applies here too
+                with contextlib.suppress(Exception):  # ORT raises when the key was never set
+                    options.add_session_config_entry(key, self._options.get_session_config_entry(key))
             values = [ort.OrtValue.ortvalue_from_numpy(array) for array in task.feeds.values()]
             # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
             options.add_external_initializers(list(task.feeds), values)
