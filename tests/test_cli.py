@@ -169,3 +169,9 @@ def test_task_command_adds_a_task_and_refuses_another_graphs_model(checkpoint, t
     assert result.exit_code == 1
     assert "do not fit" in result.stderr and "export it as its own graph" in result.stderr
     assert not (tmp_path / "m.lm.task.safetensors").exists()
+
+
+def test_failed_export_with_hot_template_leaves_nothing(checkpoint, tmp_path):
+    result = invoke(checkpoint, "--out", tmp_path / "m.onnx", "--hot-template", "--tolerance", "1e-12")
+    assert_clean_failure(result, tmp_path, "ONNX Runtime differs from PyTorch")
+    assert list(tmp_path.iterdir()) == []  # no .hot.onnx.data, no temporary either

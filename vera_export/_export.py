@@ -26,7 +26,7 @@ from vera_runtime import (
     write_onnx_adapter,
     write_task,
 )
-from vera_runtime._io import atomic_path, give_default_mode
+from vera_runtime._io import atomic_path
 from vera_runtime._taskfile import check_task_name
 
 from . import _passes
@@ -138,30 +138,32 @@ def _eager(model: nn.Module, examples: dict[str, torch.Tensor]):
         return model(**examples)
 
 
-def _save(graph: ir.Model, path: Path, final: Path) -> None:
+def _save(graph: ir.Model, path: Path, final: Path, stack: contextlib.ExitStack) -> None:
     if graph.metadata_props.get(_passes.HOT_TEMPLATE_KEY):
-        return _save_hot_template(graph, path, final)
+        return _save_hot_template(graph, path, final, stack)
     nbytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     external = f"{final.name}.data" if nbytes > _EXTERNAL_DATA_BYTES else None
     ir.save(graph, path, external_data=external)
 
 
-def _save_hot_template(graph: ir.Model, path: Path, final: Path) -> None:
+def _save_hot_template(graph: ir.Model, path: Path, final: Path, stack: contextlib.ExitStack) -> None:
     """The task tensors go to ``<final>.data``: ONNX Runtime replaces external initializers
     (SessionOptions.add_external_initializers) before it optimises, so a hot session folds the
-    task's values into the weights. Values replaced with add_initializer come too late for that."""
+    task's values into the weights. Values replaced with add_initializer come too late for that.
+    The data file, like every other, is renamed into place only when the whole export succeeds."""
     import onnx
     from onnx import external_data_helper
 
     proto = ir.to_proto(graph)
     task_names = set(json.loads(graph.metadata_props[_passes.HOT_TEMPLATE_KEY]))
-    data = final.with_name(f"{final.name}.data")
-    data.unlink(missing_ok=True)  # the helper appends
+    data_name = f"{final.name}.data"
     for tensor in proto.graph.initializer:
         if tensor.name in task_names:
-            external_data_helper.set_external_data(tensor, location=data.name)
-    external_data_helper.write_external_data_tensors(proto, str(final.parent))
-    give_default_mode(data)
+            external_data_helper.set_external_data(tensor, location=data_name)
+    data_tmp = stack.enter_context(atomic_path(final.with_name(data_name)))
+    with tempfile.TemporaryDirectory(dir=final.parent) as scratch:
+        external_data_helper.write_external_data_tensors(proto, scratch)
+        os.replace(Path(scratch) / data_name, data_tmp)
     onnx.save(proto, str(path))
 
 
@@ -183,7 +185,7 @@ def _write_all(graphs: dict[Path, ir.Model], task: Task, paths: tuple[Path, Path
         temporary = []
         for final, graph in graphs.items():
             temporary.append(stack.enter_context(atomic_path(final)))
-            _save(graph, temporary[-1], final)
+            _save(graph, temporary[-1], final, stack)
         tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
         verification = check(*temporary) if check else None
         write_task(tmp_task, task)
@@ -223,12 +225,14 @@ def export(
     task = current_task(adapted, contract)
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
     graphs = {out: _build_graph(model, adapted, specs, examples, opset, contract, task)}
+    hot = None
     if hot_template:
         progress("Tracing the hot template (merged weights) ...")
         graphs[hot_template_path(out)] = _build_graph(model, adapted, specs, examples, opset, contract, task, True)
+        hot = ir.to_proto(graphs[hot_template_path(out)]).SerializeToString()  # its task values inline
     task_path, adapter_path = task_paths(out, adapted.task_name)
 
-    def check(path: Path, hot: Path | None = None) -> Verification:
+    def check(path: Path, *_) -> Verification:
         progress("Verifying ONNX Runtime against PyTorch ...")
         return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 

@@ -44,13 +44,14 @@ class Verification:
         return max(self.checks, key=lambda check: check.relative)
 
 
-def ort_session(path: str | Path):
+def ort_session(path: str | Path | bytes):
     """A CPU session that stays quiet about the λ inputs' default initializers."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT warns once per input-with-default: expected here
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager
@@ -94,7 +95,7 @@ def verify_export(
     onnx_path: Path,
     examples: dict[str, torch.Tensor],
     tolerance: float,
-    hot_template: Path | None = None,
+    hot_template: bytes | None = None,
 ) -> Verification:
     """Compare ORT with PyTorch for the exported task (λ defaults), a random λ set fed as inputs,
     and a mixed batch whose rows alternate between those two tasks (T = batch)."""

@@ -18,10 +18,6 @@ def _default_mode() -> int:
 _MODE = _default_mode()  # mkstemp creates 0600 files; a model or task file should read like any other
 
 
-def give_default_mode(path: str | os.PathLike) -> None:
-    """Permissions as for a file created by open(): what other writers (e.g. onnx's) should match."""
-    os.chmod(path, _MODE)
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
