@@ -293,3 +293,19 @@ def test_without_hot_template_specialize_says_how_to_get_one(encoder):
     sess.load_tasks_beside()
     with pytest.raises(FileNotFoundError, match="--hot-template"):
         sess.specialize("default")
+
+
+def test_a_task_used_repeatedly_is_specialised_automatically(hot_graph):
+    sess = VeraSession(hot_graph, device="cpu")
+    sess.load_tasks_beside()
+    feeds = {"input_ids": np.ones((1, 4), np.int64)}
+    factored = sess.run(feeds, task="default")["logits"]
+    for _ in range(8):
+        sess.run(feeds, task="default")
+    for _ in range(200):  # the background build takes well under a second here
+        if sess.hot:
+            break
+        threading.Event().wait(0.05)
+    assert sess.hot == ("default",)
+    hot = sess.run(feeds, task="default")["logits"]
+    assert np.abs(hot - factored).max() <= 1e-5 * np.abs(factored).max()

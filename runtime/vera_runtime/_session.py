@@ -22,6 +22,7 @@ from ._loaders import load_any_task
 from ._taskfile import TASK_SUFFIX, TaskFileError, check_task_name
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
+_HOT_AFTER = 8  # consecutive single-task calls before a task is specialised: alternating tasks don't thrash
 _INHERITED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 HOT_SUFFIX = ".hot.onnx"
 
@@ -52,8 +53,8 @@ class VeraSession:
     the GPU once, when loaded, and runs bind them with IOBinding.
 
     ``hot_tasks``: how many tasks to also serve at merged-graph speed, from the hot template
-    (``<stem>.hot.onnx``, written by ``vera-export --hot-template``). A task used with ``task=``
-    is specialised in the background while the factored graph keeps serving it; the least
+    (``<stem>.hot.onnx``, written by ``vera-export --hot-template``). A task used for 8 calls in a row
+    with ``task=`` is specialised in the background while the factored graph keeps serving it; the least
     recently specialised task is dropped beyond ``hot_tasks``. Default: 1 when the template
     exists, else 0. Each hot task holds a session, so a copy of the weights, in memory.
     """
@@ -90,6 +91,7 @@ class VeraSession:
         self.hot_tasks = hot_tasks
         self._hot: collections.OrderedDict[str, _HotSession] = collections.OrderedDict()
         self._pending: dict[str, concurrent.futures.Future] = {}
+        self._streak: tuple[str | None, int] = (None, 0)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vera-hot")
 
     # -- tasks ---------------------------------------------------------------------------
@@ -232,6 +234,10 @@ class VeraSession:
         if hot is not None and hot.task is self._tasks.get(task):
             self._hot.move_to_end(task)
             return hot
+        streak = self._streak[1] + 1 if self._streak[0] == task else 1
+        self._streak = (task, streak)
+        if streak < _HOT_AFTER:
+            return None
         if task not in self._pending and task in self._tasks and self.hot_template.is_file():
             self._pending[task] = self._executor.submit(self._build_hot, self._tasks[task])
         return None
