@@ -10,8 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from ._contract import Contract, fingerprint
-from ._taskfile import ADAPTER_SUFFIX, Task, TaskFileError, adapter_model_version, check_task, read_onnx_adapter
-from ._taskfile import read_task as read_native_task
+from ._taskfile import (
+    ADAPTER_SUFFIX,
+    Task,
+    TaskFileError,
+    adapter_model_version,
+    check_task,
+    is_native,
+    native_task,
+    read_onnx_adapter,
+    read_safetensors,
+)
 
 _PEFT_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -56,27 +65,18 @@ def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -
 def load_any_task(path: str | Path, contract: Contract) -> Task:
     """A task for ``contract``'s graph from a native task file, an .onnx_adapter or a PEFT adapter file."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskFileError(f"task file {path} does not exist.")
     if path.name.endswith(ADAPTER_SUFFIX):
         task = _from_adapter(path, contract)
     else:
-        task = _read_safetensors(path, contract)
+        task = _from_safetensors(path, contract)
     check_task(task, contract, str(path))
     return task
 
 
-def _read_safetensors(path: Path, contract: Contract) -> Task:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as reader:
-            is_native = (reader.metadata() or {}).get("format") == "vera-task"
-            tensors = None if is_native else {name: reader.get_tensor(name) for name in reader.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TaskFileError(f"{path} is not a readable task file (truncated or corrupt?): {exc}") from exc
-    if is_native:
-        return read_native_task(path)
+def _from_safetensors(path: Path, contract: Contract) -> Task:
+    metadata, tensors = read_safetensors(path)
+    if is_native(metadata):
+        return native_task(metadata, tensors)
     if not any("vera_lambda" in name for name in tensors):
         raise TaskFileError(f"{path} holds no VeRA vectors: not a task file nor a PEFT VeRA adapter.")
     return _from_peft(path, tensors, contract)

@@ -19,7 +19,7 @@ from ._device import create_session
 from ._errors import FeedError
 from ._feeds import InputInfo, check_feeds
 from ._loaders import load_any_task
-from ._taskfile import TASK_SUFFIX, TaskFileError, check_task_name
+from ._taskfile import TaskFileError, check_task_name, task_files_beside
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
 _HOT_AFTER = 8  # consecutive single-task calls before a task is specialised: alternating tasks don't thrash
@@ -135,13 +135,10 @@ class VeraSession:
 
     def load_tasks_beside(self) -> list[str]:
         """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``)."""
-        stem = self.model_path.with_suffix("").name
-        loaded = []
-        for path in sorted(self.model_path.parent.glob(f"{stem}.*{TASK_SUFFIX}")):
-            name = path.name[len(stem) + 1 : -len(TASK_SUFFIX)]
+        beside = task_files_beside(self.model_path)
+        for name, path in beside.items():
             self.load_task(name, path)
-            loaded.append(name)
-        return loaded
+        return list(beside)
 
     def unload_task(self, name: str) -> None:
         with self._lock:

@@ -98,25 +98,45 @@ def write_task(path: str | os.PathLike, task: Task) -> Path:
     return Path(path)
 
 
-def read_task(path: str | os.PathLike, contract: Contract | None = None) -> Task:
-    """Read a native task file; with ``contract``, also refuse one that does not fit that graph."""
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """A safetensors file's metadata and tensors, read once; TaskFileError if it is missing or damaged."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise TaskFileError(f"task file {path} does not exist.")
     try:
         with safe_open(path, framework="numpy") as reader:
-            metadata = reader.metadata() or {}
-            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+            return reader.metadata() or {}, {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise TaskFileError(f"{path} is not a readable task file (truncated or corrupt?): {exc}") from exc
-    if metadata.get("format") != _FORMAT:
+
+
+def is_native(metadata: dict[str, str]) -> bool:
+    return metadata.get("format") == _FORMAT
+
+
+def native_task(metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> Task:
+    return Task(metadata.get("vera.task", ""), metadata.get("vera.fingerprint", ""), tensors)
+
+
+def read_task(path: str | os.PathLike, contract: Contract | None = None) -> Task:
+    """Read a native task file; with ``contract``, also refuse one that does not fit that graph."""
+    path = Path(path)
+    metadata, tensors = read_safetensors(path)
+    if not is_native(metadata):
         raise TaskFileError(f"{path} is a safetensors file but not a vera-export task file.")
-    task = Task(metadata.get("vera.task", ""), metadata.get("vera.fingerprint", ""), tensors)
+    task = native_task(metadata, tensors)
     if contract is not None:
         check_task(task, contract, str(path))
     return task
+
+
+def task_files_beside(graph: str | os.PathLike) -> dict[str, Path]:
+    """The native task files of a graph, by task name: ``<stem>.<task>.task.safetensors`` beside it."""
+    graph = Path(graph)
+    stem = graph.with_suffix("").name
+    paths = sorted(graph.parent.glob(f"{stem}.*{TASK_SUFFIX}"))
+    return {path.name[len(stem) + 1 : -len(TASK_SUFFIX)]: path for path in paths}
 
 
 def write_onnx_adapter(path: str | os.PathLike, task: Task) -> Path:

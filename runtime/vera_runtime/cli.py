@@ -17,7 +17,7 @@ import numpy as np
 from ._contract import ContractError
 from ._errors import DeviceError, FeedError
 from ._session import VeraSession
-from ._taskfile import TASK_SUFFIX, TaskFileError, read_task
+from ._taskfile import TaskFileError, read_task, task_files_beside
 
 _EXPECTED = (ContractError, DeviceError, FeedError, TaskFileError, FileNotFoundError, KeyError)
 
@@ -58,8 +58,7 @@ def _summary(array: np.ndarray, width: int = 4) -> str:
 def _cmd_tasks(args) -> None:
     session = VeraSession(args.graph, device="cpu")
     print(f"{args.graph}: default task '{session.default_task}'")
-    stem = Path(args.graph).with_suffix("").name
-    for path in sorted(Path(args.graph).parent.glob(f"{stem}.*{TASK_SUFFIX}")):
+    for path in task_files_beside(args.graph).values():
         try:
             task = read_task(path, session.contract)
             print(f"  {task.name:<20} {path.name}")
