@@ -34,7 +34,7 @@ class _HotSession:
 
     task: _LoadedTask
     session: ort.InferenceSession
-    values: list[ort.OrtValue]  # add_initializer does not own them: they live as long as the session
+    values: list[ort.OrtValue]  # ORT does not own external initializers: they live as long as the session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,12 +216,13 @@ class VeraSession:
                 f"no hot template {self.hot_template}: export with `vera-export ... --hot-template`."
             )
         with self._lock:
-            task = self._get(name)
-            if name in self._pending:
-                return self._pending[name]
-            future = self._executor.submit(self._build_hot, task)
-            self._pending[name] = future
-        return future
+            return self._schedule(self._get(name))
+
+    def _schedule(self, task: _LoadedTask) -> concurrent.futures.Future:
+        """Queue ``task``'s hot session unless it is queued already (call with the lock held)."""
+        if task.name not in self._pending:
+            self._pending[task.name] = self._executor.submit(self._build_hot, task)
+        return self._pending[task.name]
 
     def _hot_for(self, task: str | None, tasks: Sequence[str] | None) -> _HotSession | None:
         """The hot session for a single-task run, scheduling one when the task has none yet."""
@@ -233,10 +234,8 @@ class VeraSession:
             return hot
         streak = self._streak[1] + 1 if self._streak[0] == task else 1
         self._streak = (task, streak)
-        if streak < _HOT_AFTER:
-            return None
-        if task not in self._pending and task in self._tasks and self.hot_template.is_file():
-            self._pending[task] = self._executor.submit(self._build_hot, self._tasks[task])
+        if streak >= _HOT_AFTER and task in self._tasks and self.hot_template.is_file():
+            self._schedule(self._tasks[task])
         return None
 
     def _build_hot(self, task: _LoadedTask) -> None:
