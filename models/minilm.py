@@ -60,7 +60,8 @@ def sentences(task: str, count: int, seed: int) -> list[tuple[str, int]]:
     data = []
     for _ in range(count):
         label = rng.randrange(len(spec["labels"]))
-        text = rng.choice(spec["templates"]).format(thing=rng.choice(spec["things"]), word=rng.choice(spec["words"][label]))
+        template = rng.choice(spec["templates"])
+        text = template.format(thing=rng.choice(spec["things"]), word=rng.choice(spec["words"][label]))
         data.append((text, label))
     return data
 

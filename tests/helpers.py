@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vera_export._discover import AdaptedModel, find_vera_layers
-from vera_export._verify import lambdas_set, random_task, torch_outputs
+from vera_export._verify import lambdas_set, ort_session, random_task, torch_outputs
 
 TOLERANCE = 1e-5
 
@@ -42,10 +42,7 @@ class Exported:
         return self.result.onnx_path
 
 
-def session(path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+session = ort_session  # a quiet CPU session, as the exporter's verification uses
 
 
 def run(sess: ort.InferenceSession, feeds: dict, run_options=None) -> dict[str, np.ndarray]:

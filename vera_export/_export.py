@@ -118,8 +118,7 @@ def hot_template_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(f"{onnx_path.with_suffix('').name}.hot.onnx")
 
 
-def _build_graph(model, adapted, specs, examples, opset, contract, task, merged=False) -> ir.Model:
-    output_names = list(flatten_outputs(_eager(model, examples)))
+def _build_graph(model, adapted, specs, examples, output_names, opset, contract, task, merged=False) -> ir.Model:
     graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset, merged)
     _passes.fold_constants(graph)
     _passes.strip_trace_metadata(graph)
@@ -180,14 +179,14 @@ def _require_pass(verification: Verification) -> Verification:
 
 def _write_all(graphs: dict[Path, ir.Model], task: Task, paths: tuple[Path, Path], check) -> Verification | None:
     """Write the graphs and both task files under temporary names; rename them only if all succeed
-    (and ``check``, given the temporary graphs in the same order, passes)."""
+    (and ``check``, given the first graph's temporary file, passes)."""
     with contextlib.ExitStack() as stack:
         temporary = []
         for final, graph in graphs.items():
             temporary.append(stack.enter_context(atomic_path(final)))
             _save(graph, temporary[-1], final, stack)
         tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
-        verification = check(*temporary) if check else None
+        verification = check(temporary[0]) if check else None
         write_task(tmp_task, task)
         write_onnx_adapter(tmp_adapter, task)
     return verification
@@ -224,15 +223,17 @@ def export(
     contract = _contract(adapted)
     task = current_task(adapted, contract)
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
-    graphs = {out: _build_graph(model, adapted, specs, examples, opset, contract, task)}
+    output_names = list(flatten_outputs(_eager(model, examples)))
+    build = (model, adapted, specs, examples, output_names, opset, contract, task)
+    graphs = {out: _build_graph(*build)}
     hot = None
     if hot_template:
         progress("Tracing the hot template (merged weights) ...")
-        graphs[hot_template_path(out)] = _build_graph(model, adapted, specs, examples, opset, contract, task, True)
+        graphs[hot_template_path(out)] = _build_graph(*build, merged=True)
         hot = ir.to_proto(graphs[hot_template_path(out)]).SerializeToString()  # its task values inline
     task_path, adapter_path = task_paths(out, adapted.task_name)
 
-    def check(path: Path, *_) -> Verification:
+    def check(path: Path) -> Verification:
         progress("Verifying ONNX Runtime against PyTorch ...")
         return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 
@@ -243,8 +244,8 @@ def export(
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)
 
 
-def read_contract(graph_path: str | os.PathLike) -> Contract:
-    """The contract in a vera-export graph's metadata (the weights are not loaded)."""
+def load_graph(graph_path: str | os.PathLike):
+    """A graph's ModelProto (external weights not loaded) and its contract."""
     import onnx
 
     graph_path = Path(graph_path)
@@ -254,7 +255,12 @@ def read_contract(graph_path: str | os.PathLike) -> Contract:
         proto = onnx.load(str(graph_path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise VeraExportError(f"{graph_path} is not a readable ONNX file: {exc}") from None
-    return Contract.from_metadata({p.key: p.value for p in proto.metadata_props}, str(graph_path))
+    return proto, Contract.from_metadata({p.key: p.value for p in proto.metadata_props}, str(graph_path))
+
+
+def read_contract(graph_path: str | os.PathLike) -> Contract:
+    """The contract in a vera-export graph's metadata."""
+    return load_graph(graph_path)[1]
 
 
 def add_task(model: nn.Module, graph: str | os.PathLike, task_name: str | None = None) -> tuple[Path, Path]:

@@ -6,12 +6,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-import onnx
-
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, TaskFileError, read_onnx_adapter, read_task
 from vera_runtime._taskfile import adapter_model_version
 
-from ._export import read_contract
+from ._export import load_graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +82,7 @@ def _tasks_beside(path: Path, contract: Contract) -> tuple[TaskFound, ...]:
 
 def inspect_graph(path: str | os.PathLike) -> GraphReport:
     path = Path(path)
-    contract = read_contract(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model, contract = load_graph(path)
     task_inputs = set(contract.task_shapes())
     sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
     projection = sizes.get("vera_A", 0) + sizes.get("vera_B", 0)
