@@ -1,29 +1,56 @@
-"""vera-export: VeRA-adapted PyTorch models to one ONNX graph, with each task's λ vectors as inputs."""
+"""vera-export: VeRA-adapted PyTorch models to one ONNX graph, with each task's λ vectors as inputs.
 
-from ._checkpoint import LoadedModel, load_model, save_checkpoint
-from ._errors import UntrustedFileError, VeraExportError
-from ._export import ExportResult, add_task, export, read_contract
-from ._inputs import Dim, InputSpec
-from ._layer import VeraConfig, VeraLinear, apply_vera
-from ._peft import PeftExportResult, export_peft
-from ._verify import Verification
+Names are imported on first use (PEP 562): ``import vera_export`` and the CLI's help stay fast, and
+torch is imported only when a model is loaded or exported.
+"""
 
-__all__ = [
-    "Dim",
-    "ExportResult",
-    "InputSpec",
-    "LoadedModel",
-    "PeftExportResult",
-    "UntrustedFileError",
-    "Verification",
-    "VeraConfig",
-    "VeraExportError",
-    "VeraLinear",
-    "add_task",
-    "apply_vera",
-    "export",
-    "export_peft",
-    "load_model",
-    "read_contract",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_WHERE = {
+    "Dim": "_inputs",
+    "ExportResult": "_export",
+    "InputSpec": "_inputs",
+    "LoadedModel": "_checkpoint",
+    "PeftExportResult": "_peft",
+    "UntrustedFileError": "_errors",
+    "Verification": "_verify",
+    "VeraConfig": "_layer",
+    "VeraExportError": "_errors",
+    "VeraLinear": "_layer",
+    "add_peft_task": "_peft",
+    "add_task": "_export",
+    "apply_vera": "_layer",
+    "export": "_export",
+    "export_peft": "_peft",
+    "load_model": "_checkpoint",
+    "read_contract": "_graphfile",
+    "save_checkpoint": "_checkpoint",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'vera_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._checkpoint import LoadedModel, load_model, save_checkpoint
+    from ._errors import UntrustedFileError, VeraExportError
+    from ._export import ExportResult, add_task, export
+    from ._graphfile import read_contract
+    from ._inputs import Dim, InputSpec
+    from ._layer import VeraConfig, VeraLinear, apply_vera
+    from ._peft import PeftExportResult, add_peft_task, export_peft
+    from ._verify import Verification

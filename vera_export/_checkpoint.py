@@ -19,11 +19,11 @@ from torch import nn
 from vera_runtime._io import atomic_path
 
 from ._errors import UntrustedFileError, VeraExportError
+from ._options import TRUST_FLAG
 from ._layer import PROJECTION_ATTR, VeraConfig, VeraLinear, VeraProjection, apply_vera
 
 FORMAT = "vera-export-checkpoint"
 VERSION = 1
-TRUST_FLAG = "--trust-pickle"
 
 
 def _trusted_classes() -> list:

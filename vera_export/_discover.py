@@ -36,11 +36,10 @@ class AdaptedLayer:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedHead:
-    """A linear layer trained per task (PEFT's ``modules_to_save``): its weights are task inputs."""
+    """A linear layer trained per task (in PEFT's ``modules_to_save``): its weights are task inputs."""
 
-    name: str  # path of PEFT's wrapper: its saved keys are <name>.weight and <name>.bias
-    module: nn.Module  # the wrapper, whose forward the tracer replaces
-    linear: nn.Linear  # the active adapter's copy
+    name: str  # as PEFT saves it: <wrapper path>[.<path inside the head>]; keys <name>.weight, <name>.bias
+    linear: nn.Linear  # in the active adapter's copy of the head; the tracer replaces its forward
 
     def params(self) -> dict[str, nn.Parameter]:
         params = {f"{self.name}.weight": self.linear.weight}
@@ -113,24 +112,43 @@ def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer:
 
 
 def _find_heads(model: nn.Module) -> tuple[AdaptedHead, ...]:
-    """PEFT's modules_to_save wrappers (e.g. a classifier trained with the adapter)."""
+    """The linear layers of PEFT's modules_to_save wrappers (e.g. a classifier trained with the adapter)."""
     if "peft" not in sys.modules:
         return ()
     from peft.utils.other import ModulesToSaveWrapper
 
     heads = []
-    for name, module in model.named_modules():
-        if not isinstance(module, ModulesToSaveWrapper):
-            continue
-        active = list(module.active_adapters)
-        linear = module.modules_to_save[active[0]] if len(active) == 1 and active[0] in module.modules_to_save else None
-        if type(linear) is not nn.Linear:
-            raise VeraExportError(
-                f"modules_to_save '{name}' is a {type(linear).__name__} for the active adapter: only"
-                " nn.Linear heads (e.g. classifiers) can become per-task graph inputs."
-            )
-        heads.append(AdaptedHead(name, module, linear))
+    for name, wrapper in model.named_modules():
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            heads.extend(_head_linears(name, _active_copy(name, wrapper)))
     return tuple(heads)
+
+
+def _active_copy(name: str, wrapper: nn.Module) -> nn.Module:
+    active = list(wrapper.active_adapters)
+    if len(active) != 1 or active[0] not in wrapper.modules_to_save:
+        raise VeraExportError(
+            f"modules_to_save '{name}' has no copy for the active adapter {active}: activate exactly one"
+            " adapter with model.set_adapter(NAME)."
+        )
+    return wrapper.modules_to_save[active[0]]
+
+
+def _head_linears(name: str, head: nn.Module) -> list[AdaptedHead]:
+    """Every nn.Linear of a head; any other parameter cannot be a task input, so it is refused."""
+    linears = []
+    for path, module in head.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if type(module) is nn.Linear:
+            linears.append(AdaptedHead(f"{name}.{path}" if path else name, module))
+        elif own:
+            raise VeraExportError(
+                f"modules_to_save '{name}' ({type(head).__name__}) has parameter"
+                f" '{'.'.join(filter(None, (path, own[0][0])))}' in a {type(module).__name__}: only nn.Linear"
+                " layers, with parameter-free operations around them, can become per-task graph inputs."
+                f" Leave '{name.rpartition('.')[2]}' out of modules_to_save, or export one graph per task."
+            )
+    return linears
 
 
 def _peft_kinds() -> tuple[type, type] | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, TaskFileError, read_onnx_adapter, read_task
 from vera_runtime._taskfile import adapter_model_version
 
-from ._export import load_graph
+from ._graphfile import load_graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,16 @@ class GraphReport:
     base_bytes: int
     tasks: tuple[TaskFound, ...]
 
+    def _heads(self) -> list[str]:
+        if not self.contract.heads:
+            return []
+        lines = [f"  {len(self.contract.heads)} per-task head layers (inputs <head>.weight [tasks, out, in],"
+                 " <head>.bias [tasks, out]):"]
+        for head in self.contract.heads:
+            bias = "" if head.bias else "  no bias"
+            lines.append(f"    {head.name}  in={head.in_features} out={head.out_features}{bias}")
+        return lines
+
     def format(self) -> str:
         c = self.contract
         lines = [
@@ -45,6 +55,7 @@ class GraphReport:
             f"  {len(c.layers)} adapted layers (inputs <layer>.vera_lambda_d [tasks, {c.r}],"
             " <layer>.vera_lambda_b [tasks, out]):",
             *(f"    {layer.name}  in={layer.in_features} out={layer.out_features}" for layer in c.layers),
+            *self._heads(),
             "  task files beside it:",
             *(f"    {t.path.name}  task={t.name!r}" + ("" if t.fits else "  (for another graph)") for t in self.tasks),
         ]

@@ -40,14 +40,17 @@ def flatten_outputs(output) -> dict[str, torch.Tensor]:
 
 
 def _rows(per_task: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Which task each batch row of x uses: T = 1 (one task) or T = batch (a task per row).
+    """Which task each leading row of x uses: T = 1 (one task) or T = batch (a task per row).
 
-    Rows are gathered explicitly: broadcasting a [T, n] tensor as [T, 1, n] would make
+    Row i of N leading rows takes task i * T // N, so the batch row decides whatever the layer's
+    layout: [batch, ...] (N = batch) and batch-major flattened [batch * seq, d] (OPT's fc1/fc2)
+    alike. Rows are gathered explicitly: broadcasting a [T, n] tensor as [T, 1, n] would make
     torch.export unify T with the batch size, and the graph would then refuse T = 1.
     """
-    # T as a tensor: the ONNX translation of `% SymInt` (aten.remainder.Scalar) fails.
+    # T and N as tensors: the ONNX translation of integer ops on SymInts (e.g. `% SymInt`) fails.
     tasks = torch.scalar_tensor(per_task.shape[0], dtype=torch.long, device=x.device)
-    return torch.arange(x.shape[0], device=x.device) % tasks
+    rows = torch.scalar_tensor(x.shape[0], dtype=torch.long, device=x.device)
+    return torch.div(torch.arange(x.shape[0], device=x.device) * tasks, rows, rounding_mode="floor")
 
 
 def _per_row(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +65,8 @@ def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if x.dim() == 1:
         return F.linear(x, weight[0], None if bias is None else bias[0])
     rows = _rows(weight, x)
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
-    out = flat @ weight[rows].transpose(1, 2)  # [B, L, out]
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
+    out = flat @ weight[rows].transpose(1, 2)  # [N, L, out]
     if bias is not None:
         out = out + bias[rows][:, None, :]
     return out.reshape(*x.shape[:-1], weight.shape[1])
@@ -104,7 +107,7 @@ class _Tracer(nn.Module):
         return forward
 
     def head_forward(self, start: int, head: AdaptedHead):
-        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        def forward(x: torch.Tensor) -> torch.Tensor:
             bias = self.lambdas[start + 1] if head.linear.bias is not None else None
             if self.merged:
                 return F.linear(x, self.lambdas[start][0], None if bias is None else bias[0])
@@ -134,7 +137,7 @@ def _patches(tracer: _Tracer, adapted: AdaptedModel) -> list[tuple[nn.Module, ob
     patches = [(layer.module, tracer.vera_forward(i, layer)) for i, layer in enumerate(adapted.layers)]
     start = 2 * len(adapted.layers)
     for head in adapted.heads:
-        patches.append((head.module, tracer.head_forward(start, head)))
+        patches.append((head.linear, tracer.head_forward(start, head)))
         start += len(head.params())
     return patches
 

@@ -1,4 +1,7 @@
-"""The ``vera-export`` command: a thin click layer over the library API."""
+"""The ``vera-export`` command: a thin click layer over the library API.
+
+The library is imported inside each command: help, usage errors and ``inspect`` never load torch.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +15,15 @@ import click
 
 from vera_runtime import ContractError, TaskFileError
 
-from ._checkpoint import TRUST_FLAG, load_model
 from ._errors import VeraExportError
-from ._export import DEFAULT_OPSET, DEFAULT_TOLERANCE, add_task, export
-from ._inspect import inspect_graph
-from ._peft import export_peft
+from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE, TRUST_FLAG
 
 _EXPECTED = (VeraExportError, TaskFileError, ContractError)
-_TASK_NAME_HELP = "Name of the task (default: the checkpoint's or PEFT adapter's, else 'default')."
+_TASK_NAME_HELP = "Name of the task (default: the checkpoint's task, or the PEFT adapter folder's name)."
+_MODEL_CLASS_HELP = (
+    "PEFT adapters: the transformers class to load the base as, e.g. LlamaForCausalLM (default: from the"
+    " adapter's task_type, its auto_mapping, or the base's config.json architectures)."
+)
 
 
 class _ExportByDefault(click.Group):
@@ -93,9 +97,10 @@ def main() -> None:
                    " (default: the adapter's base_model_name_or_path).")
 @click.option("--task", "more_tasks", multiple=True, metavar="NAME=ADAPTER_DIR",
               help="PEFT adapters: another adapter over the same base, written as task NAME. Repeatable.")
+@click.option("--model-class", help=_MODEL_CLASS_HELP)
 @_errors_as_messages
 def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, hot_template, trust_pickle,
-                   base, more_tasks) -> None:
+                   base, more_tasks, model_class) -> None:
     """Export MODEL to one ONNX graph plus task files.
 
     MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
@@ -105,15 +110,19 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
                "hot_template": hot_template}
     if Path(model_path).is_dir():
+        from ._peft import export_peft
+
         adapters = {task_name or _task_name_of(model_path): model_path, **_parse_tasks(more_tasks)}
-        peft_result = export_peft(adapters, out, base=base, progress=progress,
+        peft_result = export_peft(adapters, out, base=base, model_class=model_class, progress=progress,
                                   **{k: v for k, v in options.items() if v is not None})
         result = peft_result.export
         for note in peft_result.notes:
             click.echo(f"Note: {note}", err=True)
     else:
-        if base or more_tasks:
-            raise click.UsageError("--base and --task apply to PEFT adapter folders; MODEL is a file.")
+        _refuse_peft_options(base=base, task=more_tasks, model_class=model_class)
+        from ._checkpoint import load_model
+        from ._export import export
+
         progress(f"Loading {model_path} ...")
         loaded = load_model(model_path, trust_pickle=trust_pickle)
         result = export(loaded.model, out, task_name=task_name or loaded.task_name, progress=progress, **options)
@@ -126,6 +135,12 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     click.echo(f"Wrote task '{result.contract.default_task}': {result.task_path} and {result.adapter_path}")
     for path in peft_result.task_files[1:] if peft_result else ():
         click.echo(f"Wrote task file {path} (and its .onnx_adapter)")
+
+
+def _refuse_peft_options(**given) -> None:
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value]
+    if named:
+        raise click.UsageError(f"{' and '.join(named)} apply to PEFT adapter folders; MODEL is a file.")
 
 
 def _task_name_of(folder: str) -> str:
@@ -143,16 +158,34 @@ def _parse_tasks(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command("task")
-@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--graph", "-g", required=True, type=click.Path(dir_okay=False),
               help="The exported graph this task is for.")
 @click.option("--task-name", help=_TASK_NAME_HELP)
 @click.option(TRUST_FLAG, "trust_pickle", is_flag=True, help="As for export: only for files you trust.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="PEFT adapters: the transformers base model folder"
+                   " (default: the adapter's base_model_name_or_path).")
+@click.option("--model-class", help=_MODEL_CLASS_HELP)
 @_errors_as_messages
-def task_command(model_path, graph, task_name, trust_pickle) -> None:
-    """Write MODEL's λ vectors as another task of GRAPH (same base model, A/B and layers)."""
-    loaded = load_model(model_path, trust_pickle=trust_pickle)
-    for path in add_task(loaded.model, graph, task_name or loaded.task_name):
+def task_command(model_path, graph, task_name, trust_pickle, base, model_class) -> None:
+    """Write MODEL's λ vectors as another task of GRAPH (same base model, A/B and layers).
+
+    MODEL is a file as for export, or a PEFT VeRA adapter folder (with --base, as for export).
+    """
+    if Path(model_path).is_dir():
+        from ._peft import add_peft_task
+
+        paths = add_peft_task(model_path, graph, task_name or _task_name_of(model_path), base=base,
+                              model_class=model_class)
+    else:
+        _refuse_peft_options(base=base, model_class=model_class)
+        from ._checkpoint import load_model
+        from ._export import add_task
+
+        loaded = load_model(model_path, trust_pickle=trust_pickle)
+        paths = add_task(loaded.model, graph, task_name or loaded.task_name)
+    for path in paths:
         click.echo(f"Wrote {path}")
 
 
@@ -160,7 +193,9 @@ def task_command(model_path, graph, task_name, trust_pickle) -> None:
 @click.argument("graph_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False))
 @_errors_as_messages
 def inspect_command(graph_path) -> None:
-    """Print a graph's contract: layers, r, seed, inputs, bytes, and the task files beside it."""
+    """Print a graph's contract: layers, heads, r, seed, inputs, bytes, and the task files beside it."""
+    from ._inspect import inspect_graph
+
     click.echo(inspect_graph(graph_path).format())
 
 

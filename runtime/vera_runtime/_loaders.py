@@ -32,9 +32,12 @@ def _from_adapter(path: Path, contract: Contract) -> Task:
             f"{path} was made for another graph (its model_version {version} is not this graph's"
             f" {adapter_model_version(contract.fingerprint)}): use the adapters exported with this graph."
         )
-    for name, array in tensors.items():
-        if array.ndim != 2 or array.shape[0] != 1:
-            raise TaskFileError(f"{path}: tensor '{name}' is {list(array.shape)}, an adapter feed must be [1, n].")
+    for name, array in tensors.items():  # feeds: [1, n] for λ, [1, out, in] / [1, out] for head weights
+        if array.ndim < 2 or array.shape[0] != 1:
+            raise TaskFileError(
+                f"{path}: tensor '{name}' is {list(array.shape)}; an adapter feed has a leading task dimension"
+                " of 1 ([1, n], or [1, out, in] for a head weight). Re-export the task with vera-export."
+            )
     return Task(path.stem, contract.fingerprint, {name: array[0] for name, array in tensors.items()})
 
 

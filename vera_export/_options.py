@@ -1,0 +1,5 @@
+"""Defaults and flag names shared by the library and the CLI, importable without torch."""
+
+DEFAULT_OPSET = 20
+DEFAULT_TOLERANCE = 1e-5
+TRUST_FLAG = "--trust-pickle"
