@@ -68,3 +68,16 @@ def test_tasks_classify_example_sentences(minilm):
     labels = {name: spec["labels"] for name, spec in module.TASKS.items()}
     assert [labels["sentiment"][i] for i in sentiment[:2]] == ["positive", "negative"]
     assert [labels["topic"][i] for i in topic[2:]] == ["food", "technology"]
+
+
+def test_the_graphs_own_onnx_adapter_files_load_and_equal_its_task_files(minilm):
+    from vera_runtime import VeraSession
+
+    result, module = minilm
+    session = VeraSession(result.export.onnx_path, device="cpu")
+    session.load_tasks_beside()
+    feeds = _feeds(module, module.EXAMPLES)
+    for name in module.TASKS:
+        session.load_task(f"{name}-adapter", result.export.onnx_path.with_name(f"minilm.{name}.onnx_adapter"))
+        np.testing.assert_array_equal(session.run(feeds, task=f"{name}-adapter")["logits"],
+                                      session.run(feeds, task=name)["logits"])

@@ -112,6 +112,20 @@ def load_peft_models(
     return PeftModels(model.eval(), tuple(adapters), tuple(projection_notes(adapters)))
 
 
+class PeftRoot(nn.Module):
+    """What the exporter traces: module names as PEFT saves them (``base_model.model.…``), and the
+    forward of the transformers model itself, VeRA layers included. PEFT's task wrappers add nothing
+    at inference for VeRA, and some break a family (Whisper under SEQ_2_SEQ_LM passes ``input_ids``)."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = peft_model.base_model
+        self.peft_config = peft_model.peft_config
+
+    def forward(self, **inputs):
+        return self.base_model.model(**inputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftExportResult:
     export: ExportResult
@@ -147,11 +161,12 @@ def export_peft(
     loaded = load_peft_models(read, base, model_class)
     if not options.get("inputs"):
         options["inputs"] = default_input_specs(loaded.model.get_base_model())
-    result = export(loaded.model, out, task_name=read[0].name, progress=progress, **options)
+    root = PeftRoot(loaded.model)
+    result = export(root, out, task_name=read[0].name, progress=progress, **options)
     task_files = [result.task_path]
     for adapter in read[1:]:
         loaded.model.set_adapter(adapter.name)
-        task_files.append(add_task(loaded.model, out, adapter.name)[0])
+        task_files.append(add_task(root, out, adapter.name)[0])
     loaded.model.set_adapter(read[0].name)
     return PeftExportResult(result, tuple(task_files), loaded.notes)
 
@@ -170,4 +185,4 @@ def add_peft_task(
     """
     read_contract(graph)  # a missing or foreign graph fails before the model loads
     loaded = load_peft_models(_read_all({task_name: adapter_dir}), base, model_class)
-    return add_task(loaded.model, graph, task_name)
+    return add_task(PeftRoot(loaded.model), graph, task_name)

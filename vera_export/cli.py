@@ -109,7 +109,7 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     progress = _progress(time.perf_counter())
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
                "hot_template": hot_template}
-    if Path(model_path).is_dir():
+    if _is_adapter_folder(model_path):
         from ._peft import export_peft
 
         adapters = {task_name or _task_name_of(model_path): model_path, **_parse_tasks(more_tasks)}
@@ -137,10 +137,18 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
         click.echo(f"Wrote task file {path} (and its .onnx_adapter)")
 
 
+def _is_adapter_folder(model_path: str) -> bool:
+    """A folder is a PEFT adapter, a file a model; a missing MODEL is neither."""
+    if not Path(model_path).exists():
+        raise VeraExportError(f"{model_path} does not exist: give a model file or a PEFT adapter folder.")
+    return Path(model_path).is_dir()
+
+
 def _refuse_peft_options(**given) -> None:
     named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value]
     if named:
-        raise click.UsageError(f"{' and '.join(named)} apply to PEFT adapter folders; MODEL is a file.")
+        verb = "apply" if len(named) > 1 else "applies"
+        raise click.UsageError(f"{' and '.join(named)} {verb} to PEFT adapter folders; MODEL is a file.")
 
 
 def _task_name_of(folder: str) -> str:
@@ -173,7 +181,7 @@ def task_command(model_path, graph, task_name, trust_pickle, base, model_class) 
 
     MODEL is a file as for export, or a PEFT VeRA adapter folder (with --base, as for export).
     """
-    if Path(model_path).is_dir():
+    if _is_adapter_folder(model_path):
         from ._peft import add_peft_task
 
         paths = add_peft_task(model_path, graph, task_name or _task_name_of(model_path), base=base,
