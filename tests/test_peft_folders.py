@@ -248,3 +248,13 @@ def test_bias_modes_shared_biases_export_and_differing_ones_are_refused(bert_fol
     (tmp_path / "two").mkdir()
     _fail([first, "--base", base, "--task", f"second={second}", "--out", tmp_path / "two" / "m.onnx"],
           tmp_path / "two", "train different biases", "bias='vera_only'")
+
+
+def test_input_specs_replace_the_defaults(tmp_path_factory, tmp_path):
+    """--input describes every model input itself: no text defaults are computed for a vision model."""
+    _, base, adapters, _ = exported_family("vit", tmp_path_factory)
+    out = tmp_path / "m.onnx"
+    spec = "pixel_values:float32:batch=2,3,32,32"
+    result = CliRunner().invoke(main, [str(adapters["first"]), "--base", str(base), "--input", spec, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert list(VeraSession(out, device="cpu").inputs) == ["pixel_values"]

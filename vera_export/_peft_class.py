@@ -90,13 +90,12 @@ def _mismatch(expected: dict[str, tuple], adapter: Adapter) -> tuple[str, str] |
     return None
 
 
-def _head_size(adapter: Adapter, key: str, config) -> dict:
+def _head_size(adapter: Adapter, expected: dict[str, tuple], config) -> dict:
     """A classification head saved with other num_labels than the base config says: take the head's."""
-    if key not in adapter.head_keys:
-        return {}
-    shape = adapter.tensors[key].shape
-    if key.endswith(".weight") and len(shape) == 2 and hasattr(config, "num_labels"):
-        return {"num_labels": shape[0]} if shape[0] != config.num_labels else {}
+    for key in sorted(adapter.head_keys):
+        saved, built = adapter.tensors[key].shape, expected.get(key)
+        if key.endswith(".weight") and len(saved) == 2 and built and built[1:] == saved[1:] and built != saved:
+            return {"num_labels": saved[0]} if hasattr(config, "num_labels") else {}
     return {}
 
 
@@ -123,7 +122,7 @@ def _try(model_class: type, config, adapter: Adapter) -> tuple[dict | None, str]
         mismatch = _mismatch(expected, adapter)
         if mismatch is None:
             return overrides, ""
-        more = _head_size(adapter, mismatch[0], changed)
+        more = _head_size(adapter, expected, changed)
         if not more or overrides:  # one more try, with the head's num_labels
             return None, mismatch[1]
         overrides = more
