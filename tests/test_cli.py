@@ -191,4 +191,5 @@ def test_help_usage_errors_and_inspect_never_import_torch(args, encoder):
         "print('torch imported' if 'torch' in sys.modules else 'torch not imported', code)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip().endswith(("torch not imported 0", "torch not imported 2")), result.stdout + result.stderr
+    answer = result.stdout.strip()
+    assert answer.endswith(("torch not imported 0", "torch not imported 2")), answer + result.stderr

@@ -30,7 +30,11 @@ _WHERE = {
     "save_checkpoint": "_checkpoint",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError", "Verification",
+    "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera", "export",
+    "export_peft", "load_model", "read_contract", "save_checkpoint",
+]
 
 
 def __getattr__(name: str):

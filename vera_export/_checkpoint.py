@@ -19,8 +19,8 @@ from torch import nn
 from vera_runtime._io import atomic_path
 
 from ._errors import UntrustedFileError, VeraExportError
-from ._options import TRUST_FLAG
 from ._layer import PROJECTION_ATTR, VeraConfig, VeraLinear, VeraProjection, apply_vera
+from ._options import TRUST_FLAG
 
 FORMAT = "vera-export-checkpoint"
 VERSION = 1

@@ -32,7 +32,7 @@ from vera_runtime._taskfile import check_task_name
 from . import _passes
 from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
-from ._graphfile import load_graph, read_contract
+from ._graphfile import read_contract
 from ._inputs import InputSpec, parse_specs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections

@@ -140,7 +140,8 @@ def choose_class(adapter: Adapter, base: Path, model_class: str | None = None) -
     for candidate in candidates(adapter, config, model_class):
         resolved = getattr(transformers, candidate.class_name, None)
         if not isinstance(resolved, type):
-            tried.setdefault(candidate.class_name, f"{candidate.class_name} ({candidate.source}): not a transformers class")
+            why = "not a transformers class"
+            tried.setdefault(candidate.class_name, f"{candidate.class_name} ({candidate.source}): {why}")
             continue
         overrides, why = _try(resolved, config, adapter)
         if overrides is not None:

@@ -16,7 +16,6 @@ from vera_runtime._contract import LAMBDA_D
 from ._discover import AdaptedModel
 from ._trace import flatten_outputs
 
-
 MIXED_BATCH = "mixed batch (a task per row)"
 
 
