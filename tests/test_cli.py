@@ -42,14 +42,17 @@ def test_export_then_inspect(checkpoint, decoder, tmp_path):
     assert "random λ fed as inputs: max |diff|" in result.stderr
     assert (tmp_path / "m.sentiment.task.safetensors").is_file()
     assert (tmp_path / "m.sentiment.onnx_adapter").is_file()
+    (tmp_path / "m.foreign.task.safetensors").write_bytes(decoder.result.task_path.read_bytes())
     (tmp_path / "other.default.task.safetensors").write_bytes(decoder.result.task_path.read_bytes())
+    (tmp_path / "m.v2.a1.task.safetensors").write_bytes(decoder.result.task_path.read_bytes())  # m.v2.onnx's
     report = invoke("inspect", out)
     assert report.exit_code == 0, report.output
     for expected in ("r=64", "projection seed=0", "default task='sentiment'",
                      "blocks.1.attention.value  in=128 out=128",
                      "input_ids ['batch', 'sequence']", "m.sentiment.task.safetensors  task='sentiment'",
-                     "other.default.task.safetensors  task='default'  (for another graph)", "vera_A + vera_B 65,536"):
+                     "m.foreign.task.safetensors  task='foreign'  (does not fit this graph)", "vera_A + vera_B 65,536"):
         assert expected in report.output
+    assert "other.default" not in report.output and "m.v2.a1" not in report.output
 
 
 def test_help_everywhere():

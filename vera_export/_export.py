@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -16,8 +16,6 @@ import torch
 from torch import nn
 
 from vera_runtime import (
-    ADAPTER_SUFFIX,
-    TASK_SUFFIX,
     Contract,
     HeadSpec,
     LayerSpec,
@@ -26,16 +24,17 @@ from vera_runtime import (
     write_onnx_adapter,
     write_task,
 )
-from vera_runtime._io import atomic_path
 from vera_runtime._taskfile import check_task_name
 
 from . import _passes
+from ._digest import base_digest
 from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
 from ._graphfile import read_contract
 from ._inputs import InputSpec, parse_specs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
+from ._staging import Staging, task_file_paths, test_pause
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
@@ -50,12 +49,6 @@ class ExportResult:
     contract: Contract
     verification: Verification | None
     seconds: float
-
-
-def task_paths(onnx_path: Path, task: str) -> tuple[Path, Path]:
-    """Where a graph's task files live: beside it, named ``<stem>.<task>.task.safetensors`` etc."""
-    stem = onnx_path.with_suffix("").name
-    return (onnx_path.with_name(f"{stem}.{task}{TASK_SUFFIX}"), onnx_path.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}"))
 
 
 def model_input_specs(model: nn.Module, inputs: Sequence[str | InputSpec] | None) -> list[InputSpec]:
@@ -93,7 +86,7 @@ def _recipe(adapted: AdaptedModel) -> str:
     return "stored: A and B are not reproduced by the seed recipe; use the initializers vera_A and vera_B"
 
 
-def _contract(adapted: AdaptedModel) -> Contract:
+def _contract(adapted: AdaptedModel, model: nn.Module, with_digest: bool = True) -> Contract:
     layers = tuple(LayerSpec(layer.name, layer.in_features, layer.out_features) for layer in adapted.layers)
     heads = tuple(
         HeadSpec(h.name, h.linear.in_features, h.linear.out_features, h.linear.bias is not None)
@@ -101,16 +94,18 @@ def _contract(adapted: AdaptedModel) -> Contract:
     )
     vera_a = adapted.vera_a.detach().cpu().numpy()
     vera_b = adapted.vera_b.detach().cpu().numpy()
+    digest = base_digest(model) if with_digest else None  # graphs exported before digests have none
     return Contract(
         r=adapted.r, seed=adapted.seed, recipe=_recipe(adapted), layers=layers, heads=heads,
-        default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers, heads),
+        default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers, heads, digest),
+        base_digest=digest,
     )
 
 
 def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
     """The λ values the model holds now, as a task of ``contract``'s graph."""
     tensors = {name: param.detach().float().cpu().numpy() for name, param in adapted.task_params().items()}
-    return Task(adapted.task_name, contract.fingerprint, tensors)
+    return Task(adapted.task_name, contract.fingerprint, tensors, contract.base_digest)
 
 
 def hot_template_path(onnx_path: Path) -> Path:
@@ -137,33 +132,28 @@ def _eager(model: nn.Module, examples: dict[str, torch.Tensor]):
         return model(**examples)
 
 
-def _save(graph: ir.Model, path: Path, final: Path, stack: contextlib.ExitStack) -> None:
+def _save(graph: ir.Model, folder: Path, name: str) -> None:
+    """Write ``graph`` as ``folder/name``, with ``name.data`` beside it when its weights need one."""
     if graph.metadata_props.get(_passes.HOT_TEMPLATE_KEY):
-        return _save_hot_template(graph, path, final, stack)
+        return _save_hot_template(graph, folder, name)
     nbytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
-    external = f"{final.name}.data" if nbytes > _EXTERNAL_DATA_BYTES else None
-    ir.save(graph, path, external_data=external)
+    ir.save(graph, folder / name, external_data=f"{name}.data" if nbytes > _EXTERNAL_DATA_BYTES else None)
 
 
-def _save_hot_template(graph: ir.Model, path: Path, final: Path, stack: contextlib.ExitStack) -> None:
-    """The task tensors go to ``<final>.data``: ONNX Runtime replaces external initializers
+def _save_hot_template(graph: ir.Model, folder: Path, name: str) -> None:
+    """The task tensors go to ``<name>.data``: ONNX Runtime replaces external initializers
     (SessionOptions.add_external_initializers) before it optimises, so a hot session folds the
-    task's values into the weights. Values replaced with add_initializer come too late for that.
-    The data file, like every other, is renamed into place only when the whole export succeeds."""
+    task's values into the weights. Values replaced with add_initializer come too late for that."""
     import onnx
     from onnx import external_data_helper
 
     proto = ir.to_proto(graph)
     task_names = set(json.loads(graph.metadata_props[_passes.HOT_TEMPLATE_KEY]))
-    data_name = f"{final.name}.data"
     for tensor in proto.graph.initializer:
         if tensor.name in task_names:
-            external_data_helper.set_external_data(tensor, location=data_name)
-    data_tmp = stack.enter_context(atomic_path(final.with_name(data_name)))
-    with tempfile.TemporaryDirectory(dir=final.parent) as scratch:
-        external_data_helper.write_external_data_tensors(proto, scratch)
-        os.replace(Path(scratch) / data_name, data_tmp)
-    onnx.save(proto, str(path))
+            external_data_helper.set_external_data(tensor, location=f"{name}.data")
+    external_data_helper.write_external_data_tensors(proto, str(folder))
+    onnx.save(proto, str(folder / name))
 
 
 _ROUNDING = 1e-3  # a relative gap below this is float rounding, which a looser --tolerance may accept
@@ -190,19 +180,44 @@ def _require_pass(verification: Verification) -> Verification:
     raise VeraExportError(f"ONNX Runtime differs from PyTorch on '{worst.name}': {gap} {advice}")
 
 
-def _write_all(graphs: dict[Path, ir.Model], task: Task, paths: tuple[Path, Path], check) -> Verification | None:
-    """Write the graphs and both task files under temporary names; rename them only if all succeed
-    (and ``check``, given the first graph's temporary file, passes)."""
-    with contextlib.ExitStack() as stack:
-        temporary = []
-        for final, graph in graphs.items():
-            temporary.append(stack.enter_context(atomic_path(final)))
-            _save(graph, temporary[-1], final, stack)
-        tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
-        verification = check(temporary[0]) if check else None
-        write_task(tmp_task, task)
-        write_onnx_adapter(tmp_adapter, task)
+def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) -> Verification | None:
+    """Write the graphs (in a scratch folder, where ``check`` runs the first one with its external
+    data) and the task's files, all under staged names: nothing is in place until ``stage.publish()``."""
+    scratch = stage.scratch()
+    for final, graph in graphs.items():
+        _save(graph, scratch, final.name)
+    verification = check(scratch / next(iter(graphs)).name) if check else None
+    test_pause("verify")
+    folder = next(iter(graphs)).parent
+    for written in sorted(scratch.iterdir()):
+        os.replace(written, stage.path(folder / written.name))
+    _stage_task(task, folder / next(iter(graphs)).name, stage)
     return verification
+
+
+def _stage_task(task: Task, graph: Path, stage: Staging) -> tuple[Path, Path]:
+    paths = task_file_paths(graph, task.name)
+    write_task(stage.path(paths[0]), task)
+    write_onnx_adapter(stage.path(paths[1]), task)
+    return paths
+
+
+@contextlib.contextmanager
+def _writing(out: Path, stage: Staging | None, replaces_set: bool) -> Iterator[Staging]:
+    """The caller's staging, or one of our own that publishes when the block succeeds; OS errors
+    become one message naming the path that failed."""
+    try:
+        if stage is not None:
+            yield stage
+            return
+        with Staging(out, replaces_set) as own:
+            yield own
+            own.publish()
+    except OSError as exc:
+        failed = exc.filename or out
+        raise VeraExportError(
+            f"cannot write {failed}: {exc.strerror or exc}; free space or choose another --out."
+        ) from None
 
 
 def export(
@@ -216,13 +231,16 @@ def export(
     tolerance: float = DEFAULT_TOLERANCE,
     hot_template: bool = False,
     progress: Callable[[str], None] = lambda message: None,
+    staging: Staging | None = None,
 ) -> ExportResult:
     """Export a VeRA-adapted ``model`` (ours or PEFT's) to one ONNX graph at ``out``.
 
     Writes ``out``, plus the exported task as ``<stem>.<task>.task.safetensors`` and
     ``<stem>.<task>.onnx_adapter`` beside it. Nothing is left behind if any step fails.
     ``hot_template`` also writes ``<stem>.hot.onnx``, the merged form that lets the runtime serve
-    one task at merged-graph speed (a second copy of the weights on disk).
+    one task at merged-graph speed (a second copy of the weights on disk). An export to an existing
+    graph replaces its whole set of files: task files of the old graph do not stay beside the new one.
+    With ``staging`` (several tasks in one command), the files are staged there for the caller to publish.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -233,7 +251,7 @@ def export(
     check_task_name(adapted.task_name)
     generator = torch.Generator().manual_seed(0)
     examples = {spec.name: spec.example(generator) for spec in specs}
-    contract = _contract(adapted)
+    contract = _contract(adapted, model)
     task = current_task(adapted, contract)
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
     output_names = list(flatten_outputs(_eager(model, examples)))
@@ -244,42 +262,58 @@ def export(
         progress("Tracing the hot template (merged weights) ...")
         graphs[hot_template_path(out)] = _build_graph(*build, merged=True)
         hot = ir.to_proto(graphs[hot_template_path(out)]).SerializeToString()  # its task values inline
-    task_path, adapter_path = task_paths(out, adapted.task_name)
+    task_path, adapter_path = task_file_paths(out, adapted.task_name)
 
     def check(path: Path) -> Verification:
         progress("Verifying ONNX Runtime against PyTorch ...")
         return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 
-    try:
-        verification = _write_all(graphs, task, (task_path, adapter_path), check if verify else None)
-    except OSError as exc:
-        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
+    with _writing(out, staging, replaces_set=True) as stage:
+        verification = _stage_all(graphs, task, stage, check if verify else None)
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)
 
 
-def add_task(model: nn.Module, graph: str | os.PathLike, task_name: str | None = None) -> tuple[Path, Path]:
+def add_task(
+    model: nn.Module, graph: str | os.PathLike, task_name: str | None = None, *, overwrite: bool = False
+) -> tuple[Path, Path]:
     """Write ``model``'s current λ as another task of an exported graph, beside it.
 
-    The model must share the graph's A, B and layers (same fingerprint): typically the same base
-    model fine-tuned on another task. Returns the task file and the ``.onnx_adapter`` paths.
+    The model must share the graph's base weights, A, B and layers (same fingerprint): typically the
+    same base model fine-tuned on another task. A task the graph already has (its default task
+    included) is replaced only with ``overwrite``. Returns the task file and ``.onnx_adapter`` paths.
     """
     graph = Path(graph)
     contract = read_contract(graph)
+    name = check_task_name(find_vera_layers(model, task_name).task_name)
+    paths = task_file_paths(graph, name)
+    if not overwrite and (name == contract.default_task or _exists(paths)):
+        raise VeraExportError(
+            f"{graph} already has a task '{name}' ({paths[0].name}): choose another name with"
+            " --task-name, or replace it with --overwrite."
+        )
+    with _writing(graph, None, replaces_set=False) as stage:
+        return stage_task(model, graph, contract, stage, name)
+
+
+def stage_task(model: nn.Module, graph: Path, contract: Contract, stage: Staging, task_name: str) -> tuple[Path, Path]:
+    """Stage ``model``'s current λ as task ``task_name`` of the graph ``contract`` describes."""
     adapted = find_vera_layers(model, task_name)
-    check_task_name(adapted.task_name)
-    mine = _contract(adapted)
+    _check_fits(adapted, model, contract, graph)
+    return _stage_task(current_task(adapted, contract), graph, stage)
+
+
+def _exists(paths) -> bool:
+    return any(path.exists() for path in paths)
+
+
+def _check_fits(adapted: AdaptedModel, model: nn.Module, contract: Contract, graph: Path) -> None:
+    mine = _contract(adapted, model, with_digest=contract.base_digest is not None)
     if mine.fingerprint != contract.fingerprint:
+        reason = (
+            f"its base weights differ (digest {mine.base_digest[:12]}, the graph's {contract.base_digest[:12]}),"
+            " and a task only fits the base it was trained on"
+        ) if mine.base_digest != contract.base_digest else "its A/B, r or adapted layers differ"
         raise VeraExportError(
             f"this model's VeRA layers do not fit {graph} (fingerprint {mine.fingerprint[:12]}, the graph"
-            f" has {contract.fingerprint[:12]}): its A/B, r or adapted layers differ; export it as its own graph."
+            f" has {contract.fingerprint[:12]}): {reason}; export it as its own graph."
         )
-    task = current_task(adapted, contract)
-    paths = task_paths(graph, adapted.task_name)
-    try:
-        with contextlib.ExitStack() as stack:
-            tmp_task, tmp_adapter = (stack.enter_context(atomic_path(p)) for p in paths)
-            write_task(tmp_task, task)
-            write_onnx_adapter(tmp_adapter, task)
-    except OSError as exc:
-        raise VeraExportError(f"cannot write {paths[0]}: {exc.strerror or exc}.") from None
-    return paths

@@ -6,10 +6,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract, TaskFileError, read_onnx_adapter, read_task
-from vera_runtime._taskfile import adapter_model_version
+from vera_runtime import ADAPTER_SUFFIX, Contract, TaskFileError, read_onnx_adapter, read_task
+from vera_runtime._taskfile import adapter_model_version, task_files_beside
 
 from ._graphfile import load_graph
+
+_MISFIT = "  (does not fit this graph)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,7 @@ class GraphReport:
             *(f"    {layer.name}  in={layer.in_features} out={layer.out_features}" for layer in c.layers),
             *self._heads(),
             "  task files beside it:",
-            *(f"    {t.path.name}  task={t.name!r}" + ("" if t.fits else "  (for another graph)") for t in self.tasks),
+            *(f"    {t.path.name}  task={t.name!r}{'' if t.fits else _MISFIT}" for t in self.tasks),
         ]
         if not self.tasks:
             lines.append("    none")
@@ -76,19 +78,21 @@ def _tensor_bytes(tensor) -> int:
 
 
 def _tasks_beside(path: Path, contract: Contract) -> tuple[TaskFound, ...]:
+    """This graph's task files (exactly <stem>.<task>.*), and whether each one fits it."""
     found = []
-    for candidate in sorted(path.parent.iterdir()):
+    for name, candidate in task_files_beside(path).items():
         try:
-            if candidate.name.endswith(TASK_SUFFIX):
-                task = read_task(candidate)
-                found.append(TaskFound(candidate, task.name, task.fingerprint == contract.fingerprint))
-            elif candidate.name.endswith(ADAPTER_SUFFIX):
-                version, _ = read_onnx_adapter(candidate)
-                name = candidate.name[: -len(ADAPTER_SUFFIX)].rpartition(".")[2] or candidate.name
-                found.append(TaskFound(candidate, name, version == adapter_model_version(contract.fingerprint)))
+            fits = read_task(candidate).fingerprint == contract.fingerprint
         except TaskFileError:
-            continue  # unreadable files are not tasks of this graph
-    return tuple(found)
+            fits = False
+        found.append(TaskFound(candidate, name, fits))
+    for name, candidate in task_files_beside(path, ADAPTER_SUFFIX).items():
+        try:
+            fits = read_onnx_adapter(candidate)[0] == adapter_model_version(contract.fingerprint)
+        except TaskFileError:
+            fits = False
+        found.append(TaskFound(candidate, name, fits))
+    return tuple(sorted(found, key=lambda t: t.path.name))
 
 
 def inspect_graph(path: str | os.PathLike) -> GraphReport:

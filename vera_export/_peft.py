@@ -20,10 +20,11 @@ from torch import nn
 from vera_runtime._taskfile import check_task_name
 
 from ._errors import VeraExportError
-from ._export import ExportResult, add_task, export, read_contract
+from ._export import ExportResult, add_task, export, read_contract, stage_task
 from ._hf_inputs import default_input_specs
 from ._peft_adapters import CONFIG, Adapter, check_compatible, projection_notes, read_adapter
 from ._peft_class import BaseClass, choose_class
+from ._staging import Staging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,12 +163,14 @@ def export_peft(
     if not options.get("inputs"):
         options["inputs"] = default_input_specs(loaded.model.get_base_model())
     root = PeftRoot(loaded.model)
-    result = export(root, out, task_name=read[0].name, progress=progress, **options)
-    task_files = [result.task_path]
-    for adapter in read[1:]:
-        loaded.model.set_adapter(adapter.name)
-        task_files.append(add_task(root, out, adapter.name)[0])
-    loaded.model.set_adapter(read[0].name)
+    with Staging(out, replaces_set=True) as staging:  # the graph and every task, published as one set
+        result = export(root, out, task_name=read[0].name, progress=progress, staging=staging, **options)
+        task_files = [result.task_path]
+        for adapter in read[1:]:
+            loaded.model.set_adapter(adapter.name)
+            task_files.append(stage_task(root, Path(out), result.contract, staging, adapter.name)[0])
+        loaded.model.set_adapter(read[0].name)
+        staging.publish()
     return PeftExportResult(result, tuple(task_files), loaded.notes)
 
 
@@ -178,6 +181,7 @@ def add_peft_task(
     *,
     base: str | os.PathLike | None = None,
     model_class: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write a PEFT adapter folder as another task of an exported graph (same base, A/B and layers).
 
@@ -185,4 +189,4 @@ def add_peft_task(
     """
     read_contract(graph)  # a missing or foreign graph fails before the model loads
     loaded = load_peft_models(_read_all({task_name: adapter_dir}), base, model_class)
-    return add_task(PeftRoot(loaded.model), graph, task_name)
+    return add_task(PeftRoot(loaded.model), graph, task_name, overwrite=overwrite)

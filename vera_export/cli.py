@@ -112,7 +112,7 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     if _is_adapter_folder(model_path):
         from ._peft import export_peft
 
-        adapters = {task_name or _task_name_of(model_path): model_path, **_parse_tasks(more_tasks)}
+        adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_tasks)
         peft_result = export_peft(adapters, out, base=base, model_class=model_class, progress=progress,
                                   **{k: v for k, v in options.items() if v is not None})
         result = peft_result.export
@@ -152,17 +152,25 @@ def _refuse_peft_options(**given) -> None:
 
 
 def _task_name_of(folder: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(folder).resolve().name).lstrip("-._") or "default"
+    """A task name from a folder's: characters outside [A-Za-z0-9_-] become '-', at most 64."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", Path(folder).resolve().name)[:64].strip("-") or "default"
 
 
-def _parse_tasks(entries: tuple[str, ...]) -> dict[str, str]:
-    tasks = {}
+def _adapters(first_name: str, first: str, entries: tuple[str, ...]) -> dict[str, str]:
+    """The first adapter and every --task NAME=DIR, refusing a name given twice (one would be lost)."""
+    adapters = {first_name: first}
     for entry in entries:
         name, _, folder = entry.partition("=")
         if not name or not folder:
             raise click.BadParameter(f"{entry!r}: expected NAME=ADAPTER_DIR", param_hint="--task")
-        tasks[name] = folder
-    return tasks
+        if name in adapters:
+            raise click.BadParameter(
+                f"task name '{name}' is given twice ({adapters[name]} and {folder}): give each adapter its own name"
+                + (" (the first adapter's name comes from its folder, or --task-name)" if name == first_name else ""),
+                param_hint="--task",
+            )
+        adapters[name] = folder
+    return adapters
 
 
 @main.command("task")
@@ -175,8 +183,9 @@ def _parse_tasks(entries: tuple[str, ...]) -> dict[str, str]:
               help="PEFT adapters: the transformers base model folder"
                    " (default: the adapter's base_model_name_or_path).")
 @click.option("--model-class", help=_MODEL_CLASS_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace a task the graph already has (its default task included).")
 @_errors_as_messages
-def task_command(model_path, graph, task_name, trust_pickle, base, model_class) -> None:
+def task_command(model_path, graph, task_name, trust_pickle, base, model_class, overwrite) -> None:
     """Write MODEL's λ vectors as another task of GRAPH (same base model, A/B and layers).
 
     MODEL is a file as for export, or a PEFT VeRA adapter folder (with --base, as for export).
@@ -185,14 +194,14 @@ def task_command(model_path, graph, task_name, trust_pickle, base, model_class) 
         from ._peft import add_peft_task
 
         paths = add_peft_task(model_path, graph, task_name or _task_name_of(model_path), base=base,
-                              model_class=model_class)
+                              model_class=model_class, overwrite=overwrite)
     else:
         _refuse_peft_options(base=base, model_class=model_class)
         from ._checkpoint import load_model
         from ._export import add_task
 
         loaded = load_model(model_path, trust_pickle=trust_pickle)
-        paths = add_task(loaded.model, graph, task_name or loaded.task_name)
+        paths = add_task(loaded.model, graph, task_name or loaded.task_name, overwrite=overwrite)
     for path in paths:
         click.echo(f"Wrote {path}")
 

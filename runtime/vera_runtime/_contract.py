@@ -24,6 +24,7 @@ KEY_LAYERS = _PREFIX + "layers"
 KEY_DEFAULT_TASK = _PREFIX + "default_task"
 KEY_FINGERPRINT = _PREFIX + "fingerprint"
 KEY_HEADS = _PREFIX + "heads"
+KEY_BASE_DIGEST = _PREFIX + "base_digest"
 
 LAMBDA_D = "vera_lambda_d"
 LAMBDA_B = "vera_lambda_b"
@@ -78,6 +79,7 @@ class Contract:
     default_task: str
     fingerprint: str
     heads: tuple[HeadSpec, ...] = ()
+    base_digest: str | None = None  # SHA-256 of the base weights; absent in graphs older than it
     version: str = CONTRACT_VERSION
 
     def task_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -93,7 +95,8 @@ class Contract:
     def to_metadata(self) -> dict[str, str]:
         layers = [dataclasses.asdict(layer) for layer in self.layers]
         heads = {KEY_HEADS: json.dumps([dataclasses.asdict(h) for h in self.heads], separators=(",", ":"))}
-        return (heads if self.heads else {}) | {
+        digest = {KEY_BASE_DIGEST: self.base_digest} if self.base_digest else {}
+        return (heads if self.heads else {}) | digest | {
             KEY_VERSION: self.version,
             KEY_R: str(self.r),
             KEY_SEED: "" if self.seed is None else str(self.seed),
@@ -128,17 +131,22 @@ class Contract:
                 default_task=metadata[KEY_DEFAULT_TASK],
                 fingerprint=metadata[KEY_FINGERPRINT],
                 heads=heads,
+                base_digest=metadata.get(KEY_BASE_DIGEST) or None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source} has malformed vera metadata ({exc!r}): re-export it.") from exc
 
 
 def fingerprint(
-    vera_a: np.ndarray, vera_b: np.ndarray, layers: tuple[LayerSpec, ...], heads: tuple[HeadSpec, ...] = ()
+    vera_a: np.ndarray,
+    vera_b: np.ndarray,
+    layers: tuple[LayerSpec, ...],
+    heads: tuple[HeadSpec, ...] = (),
+    base_digest: str | None = None,
 ) -> str:
-    """SHA-256 of the shared projections, the layer table and the per-task heads: what a task's
-    tensors depend on. Vectors trained against other A/B values, or for other layers, are
-    meaningless for this graph."""
+    """SHA-256 of the shared projections, the layer table, the per-task heads and the base weights'
+    digest: what a task's tensors depend on. Vectors trained against other A/B values, for other
+    layers or over other base weights (cased vs uncased BERT) are meaningless for this graph."""
     digest = hashlib.sha256(b"vera-export fingerprint v1\0")
     for array in (vera_a, vera_b):
         array = np.ascontiguousarray(array)
@@ -148,4 +156,6 @@ def fingerprint(
     digest.update(json.dumps(table, separators=(",", ":")).encode())
     if heads:  # graphs without heads keep the fingerprint they had before heads existed
         digest.update(json.dumps([dataclasses.astuple(h) for h in heads], separators=(",", ":")).encode())
+    if base_digest:  # likewise graphs exported before base digests
+        digest.update(f"base:{base_digest}".encode())
     return digest.hexdigest()

@@ -16,13 +16,14 @@ from ._taskfile import (
     TaskFileError,
     adapter_model_version,
     check_task,
-    is_native,
+    looks_native,
     native_task,
     read_onnx_adapter,
     read_safetensors,
 )
 
 _PEFT_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
+_PEFT_PREFIX = "base_model."
 
 
 def _from_adapter(path: Path, contract: Contract) -> Task:
@@ -46,17 +47,32 @@ def _peft_fingerprint(path: Path, tensors: dict[str, np.ndarray], contract: Cont
     Without them, the seed and r in adapter_config.json are all there is to check."""
     if all(key in tensors for key in _PEFT_PROJECTIONS):
         vera_a, vera_b = (tensors[key] for key in _PEFT_PROJECTIONS)
-        return fingerprint(vera_a, vera_b, contract.layers, contract.heads)
-    config_path = path.with_name("adapter_config.json")
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        seed, rank = config.get("projection_prng_key"), config.get("r")
-        if (seed, rank) != (contract.seed, contract.r):
-            raise TaskFileError(
-                f"{path} was trained with projection_prng_key={seed}, r={rank} ({config_path.name});"
-                f" this graph has projection_prng_key={contract.seed}, r={contract.r}."
-            )
+        # PEFT files carry no digest of their base: the graph's stands in for it
+        return fingerprint(vera_a, vera_b, contract.layers, contract.heads, contract.base_digest)
+    config = _peft_config(path.with_name("adapter_config.json"), path)
+    seed, rank = config.get("projection_prng_key"), config.get("r")
+    if (seed, rank) != (contract.seed, contract.r):
+        raise TaskFileError(
+            f"{path} was trained with projection_prng_key={seed}, r={rank} (adapter_config.json);"
+            f" this graph has projection_prng_key={contract.seed}, r={contract.r}."
+        )
     return contract.fingerprint
+
+
+def _peft_config(config_path: Path, path: Path) -> dict:
+    """The adapter_config.json beside a PEFT file that stores no A/B: the only record of its seed and r."""
+    if not config_path.is_file():
+        raise TaskFileError(
+            f"{path} stores no A/B and has no adapter_config.json beside it: nothing says which projection"
+            " seed it was trained with. Keep PEFT's adapter_config.json next to it."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TaskFileError(f"{config_path} is not readable JSON ({exc}): re-save the adapter with PEFT.") from None
+    if not isinstance(config, dict):
+        raise TaskFileError(f"{config_path} holds a JSON {type(config).__name__}, not an object: re-save it.")
+    return config
 
 
 def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> Task:
@@ -78,8 +94,11 @@ def load_any_task(path: str | Path, contract: Contract) -> Task:
 
 def _from_safetensors(path: Path, contract: Contract) -> Task:
     metadata, tensors = read_safetensors(path)
-    if is_native(metadata):
-        return native_task(metadata, tensors)
-    if not any("vera_lambda" in name for name in tensors):
-        raise TaskFileError(f"{path} holds no VeRA vectors: not a task file nor a PEFT VeRA adapter.")
+    if looks_native(metadata):
+        return native_task(metadata, tensors, str(path))
+    if not any("vera_lambda" in name for name in tensors) or not all(n.startswith(_PEFT_PREFIX) for n in tensors):
+        raise TaskFileError(
+            f"{path} is neither a vera-export task file nor a PEFT VeRA adapter file (adapter_model.safetensors,"
+            " keys base_model.…vera_lambda_*): give a file the exporter or PEFT wrote."
+        )
     return _from_peft(path, tensors, contract)

@@ -18,6 +18,7 @@ from ._contract import Contract
 from ._device import create_session
 from ._errors import FeedError
 from ._feeds import InputInfo, check_feeds
+from ._io import finish_publish
 from ._loaders import load_any_task
 from ._taskfile import TaskFileError, check_task_name, task_files_beside
 
@@ -69,6 +70,10 @@ class VeraSession:
         hot_tasks: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
+        try:
+            finish_publish(self.model_path)  # an export killed while renaming its files: finish it first
+        except OSError as exc:
+            raise TaskFileError(str(exc)) from None
         if not self.model_path.is_file():
             raise FileNotFoundError(f"graph file {self.model_path} does not exist.")
         options = session_options or ort.SessionOptions()
@@ -121,24 +126,31 @@ class VeraSession:
         The file is read and checked completely before anything changes: a failure raises
         TaskFileError and leaves the session and every loaded task as they were.
         """
+        self._install([self._read(name, path)])
+
+    def load_tasks_beside(self) -> list[str]:
+        """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``).
+
+        All or nothing: every file is read and checked before any task is added or replaced."""
+        beside = task_files_beside(self.model_path)
+        self._install([self._read(name, path) for name, path in beside.items()])
+        return list(beside)
+
+    def _read(self, name: str, path: str | os.PathLike) -> _LoadedTask:
         check_task_name(name)
         task = load_any_task(path, self.contract)
         feeds = {key: np.ascontiguousarray(task.tensors[key], dtype=np.float32)[None] for key in self._task_inputs}
         on_device = None
         if self.device == "cuda":
             on_device = {key: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for key, value in feeds.items()}
-        loaded = _LoadedTask(name, Path(path), feeds, on_device)
-        with self._lock:
-            self._tasks[name] = loaded
-            self._forget_rows(name)
-            self._hot.pop(name, None)
+        return _LoadedTask(name, Path(path), feeds, on_device)
 
-    def load_tasks_beside(self) -> list[str]:
-        """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``)."""
-        beside = task_files_beside(self.model_path)
-        for name, path in beside.items():
-            self.load_task(name, path)
-        return list(beside)
+    def _install(self, tasks: list[_LoadedTask]) -> None:
+        with self._lock:
+            for loaded in tasks:
+                self._tasks[loaded.name] = loaded
+                self._forget_rows(loaded.name)
+                self._hot.pop(loaded.name, None)
 
     def unload_task(self, name: str) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ Two formats carry the same tensors:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
 import os
 import re
 from pathlib import Path
@@ -24,7 +26,7 @@ from ._io import atomic_path, atomic_write_bytes
 TASK_SUFFIX = ".task.safetensors"
 ADAPTER_SUFFIX = ".onnx_adapter"
 _FORMAT = "vera-task"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no dots: <stem>.<task>.task.safetensors stays unambiguous
 
 
 class TaskFileError(ValueError):
@@ -41,13 +43,18 @@ class Task:
     name: str
     fingerprint: str
     tensors: dict[str, np.ndarray]
+    base_digest: str | None = None  # of the base weights it was trained over (native files write it)
+
+
+def is_task_name(name: object) -> bool:
+    return isinstance(name, str) and _TASK_NAME.fullmatch(name) is not None
 
 
 def check_task_name(name: str) -> str:
-    if not isinstance(name, str) or not _TASK_NAME.match(name):
+    if not is_task_name(name):
         raise TaskFileError(
-            f"task name {name!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.',"
-            " starting with a letter or digit."
+            f"task name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-' (no dots: task files"
+            " are named <graph stem>.<task>.task.safetensors)."
         )
     return name
 
@@ -58,11 +65,16 @@ def adapter_model_version(fingerprint: str) -> int:
 
 
 def check_task(task: Task, contract: Contract, source: str) -> None:
-    """Refuse a task whose fingerprint, tensor names, shapes, dtypes or values don't fit."""
+    """Refuse a task whose base weights, fingerprint, tensor names, shapes, dtypes or values don't fit."""
     if task.fingerprint != contract.fingerprint:
+        other_base = task.base_digest and contract.base_digest and task.base_digest != contract.base_digest
+        base = (
+            f"; it was trained over other base weights (digest {task.base_digest[:12]}, this graph's base is"
+            f" {contract.base_digest[:12]}), and a task only fits the base model it was trained on"
+        ) if other_base else ""
         raise TaskFileError(
             f"{source} was made for another graph (fingerprint {task.fingerprint[:12]}, this graph"
-            f" has {contract.fingerprint[:12]}): use the task files exported with this graph, or"
+            f" has {contract.fingerprint[:12]}){base}: use the task files exported with this graph, or"
             " re-export the task against it."
         )
     expected = contract.task_shapes()
@@ -93,6 +105,8 @@ def write_task(path: str | os.PathLike, task: Task) -> Path:
         "vera.task": task.name,
         "vera.fingerprint": task.fingerprint,
     }
+    if task.base_digest:
+        metadata["vera.base_digest"] = task.base_digest
     tensors = {name: np.ascontiguousarray(array) for name, array in task.tensors.items()}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return Path(path)
@@ -115,28 +129,51 @@ def is_native(metadata: dict[str, str]) -> bool:
     return metadata.get("format") == _FORMAT
 
 
-def native_task(metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> Task:
-    return Task(metadata.get("vera.task", ""), metadata.get("vera.fingerprint", ""), tensors)
+def looks_native(metadata: dict[str, str]) -> bool:
+    """Any of our keys: a task file, even one whose 'format' was lost, is never read as a PEFT file."""
+    return is_native(metadata) or any(key.startswith("vera.") for key in metadata)
+
+
+def native_task(metadata: dict[str, str], tensors: dict[str, np.ndarray], source: str) -> Task:
+    """A native task file's task, refused unless it says what it is and which contract it follows."""
+    if not is_native(metadata):
+        raise TaskFileError(
+            f"{source} carries vera-export metadata but not format={_FORMAT!r}: it is damaged or was edited;"
+            " re-export the task with `vera-export task`."
+        )
+    version = metadata.get("vera.contract_version")
+    if version != CONTRACT_VERSION:
+        raise TaskFileError(
+            f"{source} follows task contract version {version!r}; this vera-runtime reads version"
+            f" {CONTRACT_VERSION}. Re-export the task, or upgrade vera-runtime."
+        )
+    return Task(metadata.get("vera.task", ""), metadata.get("vera.fingerprint", ""), tensors,
+                metadata.get("vera.base_digest") or None)
 
 
 def read_task(path: str | os.PathLike, contract: Contract | None = None) -> Task:
     """Read a native task file; with ``contract``, also refuse one that does not fit that graph."""
     path = Path(path)
     metadata, tensors = read_safetensors(path)
-    if not is_native(metadata):
+    if not looks_native(metadata):
         raise TaskFileError(f"{path} is a safetensors file but not a vera-export task file.")
-    task = native_task(metadata, tensors)
+    task = native_task(metadata, tensors, str(path))
     if contract is not None:
         check_task(task, contract, str(path))
     return task
 
 
-def task_files_beside(graph: str | os.PathLike) -> dict[str, Path]:
-    """The native task files of a graph, by task name: ``<stem>.<task>.task.safetensors`` beside it."""
+def task_files_beside(graph: str | os.PathLike, suffix: str = TASK_SUFFIX) -> dict[str, Path]:
+    """A graph's task files, by task name: exactly ``<stem>.<task><suffix>`` beside it. Task names have
+    no dots, so ``encoder.v2.a1.task.safetensors`` belongs to ``encoder.v2.onnx``, never ``encoder.onnx``."""
     graph = Path(graph)
     stem = graph.with_suffix("").name
-    paths = sorted(graph.parent.glob(f"{stem}.*{TASK_SUFFIX}"))
-    return {path.name[len(stem) + 1 : -len(TASK_SUFFIX)]: path for path in paths}
+    found = {}
+    for path in sorted(graph.parent.glob(f"{glob.escape(stem)}.*{suffix}")):
+        name = path.name[len(stem) + 1 : -len(suffix)]
+        if is_task_name(name):
+            found[name] = path
+    return found
 
 
 def write_onnx_adapter(path: str | os.PathLike, task: Task) -> Path:
@@ -150,7 +187,10 @@ def write_onnx_adapter(path: str | os.PathLike, task: Task) -> Path:
     adapter.set_model_version(adapter_model_version(task.fingerprint))
     adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()})
     with atomic_path(path) as tmp:
-        adapter.export_adapter(str(tmp))
+        try:
+            adapter.export_adapter(str(tmp))
+        except RuntimeError as exc:  # ORT's "Failed to write": say which file, as for any other OSError
+            raise OSError(errno.EIO, f"ONNX Runtime could not write the adapter ({exc})", str(path)) from None
     return Path(path)
 
 

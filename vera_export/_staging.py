@@ -1,0 +1,105 @@
+"""All or nothing for every file one command writes: a graph, its task files, its hot template.
+
+Each file is staged under a hidden temporary name beside its final path; ``publish`` renames the
+whole set into place (see ``vera_runtime._io.publish``) and removes what is left of the graph's old
+set. Any exception, SIGINT or SIGTERM before that removes everything staged; files staged by an
+export killed earlier (SIGKILL) are removed by the next one into the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
+from vera_runtime._io import finish_publish, publish, remove_stale_staging, staging_path
+from vera_runtime._taskfile import task_files_beside
+
+from ._errors import VeraExportError
+
+PAUSE_VARIABLE = "VERA_EXPORT_TEST_PAUSE"  # tests: "verify" or "publish" stops there so they can kill it
+
+
+class Interrupted(VeraExportError):
+    """SIGTERM arrived during an export: everything staged was removed."""
+
+
+def test_pause(point: str) -> None:
+    """Fault injection for the kill tests: announce the point on stderr and wait to be killed."""
+    if os.environ.get(PAUSE_VARIABLE) == point:
+        print(f"vera-export paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(60)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted("vera-export was terminated (SIGTERM); nothing was written.")
+
+
+def old_set(graph: Path) -> list[Path]:
+    """What an export to ``graph`` replaces: the graph, its external data, hot template and task files."""
+    stem = graph.with_suffix("")
+    candidates = [graph, Path(f"{graph}.data"), stem.with_name(f"{stem.name}.hot.onnx"),
+                  stem.with_name(f"{stem.name}.hot.onnx.data")]
+    tasks = [*task_files_beside(graph).values(), *task_files_beside(graph, ADAPTER_SUFFIX).values()]
+    return [path for path in candidates if path.exists()] + tasks
+
+
+class Staging:
+    """Stage files beside ``graph``; ``publish()`` puts them all in place, else none of them."""
+
+    def __init__(self, graph: str | os.PathLike, replaces_set: bool) -> None:
+        self.graph = Path(graph)
+        self.replaces_set = replaces_set  # a full export: files of the graph's old set not rewritten go
+        self._staged: dict[Path, Path] = {}  # final path -> staged path
+        self._scratch: list[Path] = []
+        self._sigterm = None
+
+    def __enter__(self) -> Staging:
+        folder = self.graph.parent
+        finish_publish(self.graph)
+        remove_stale_staging(folder)
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+        for staged in self._staged.values():
+            staged.unlink(missing_ok=True)
+        for scratch in self._scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def path(self, final: Path) -> Path:
+        """Where to write the file that will become ``final``."""
+        if final in self._staged:
+            raise VeraExportError(f"{final} would be written twice by one command: give each task its own name.")
+        self._staged[final] = staging_path(final)
+        return self._staged[final]
+
+    def scratch(self) -> Path:
+        """A staged folder for writers that name their own files (ONNX external data)."""
+        folder = staging_path(self.graph.with_name(f"{self.graph.name}.scratch"))
+        folder.mkdir()
+        self._scratch.append(folder)
+        return folder
+
+    def finals(self) -> list[Path]:
+        return list(self._staged)
+
+    def publish(self) -> None:
+        remove = [p for p in old_set(self.graph) if p not in self._staged] if self.replaces_set else []
+        publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
+                pause=lambda: test_pause("publish"))
+        self._staged.clear()
+
+
+def task_file_paths(graph: Path, task: str) -> tuple[Path, Path]:
+    """Where a graph's task files live: beside it, named ``<stem>.<task>.task.safetensors`` etc."""
+    stem = graph.with_suffix("").name
+    return graph.with_name(f"{stem}.{task}{TASK_SUFFIX}"), graph.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}")
