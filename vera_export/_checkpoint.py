@@ -6,15 +6,18 @@ anything else needs the caller's explicit opt-in, because unpickling it runs cod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vera_runtime._io import atomic_path
 
@@ -71,8 +74,10 @@ def load_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> Loaded
     path = Path(path)
     if not path.is_file():
         raise VeraExportError(f"model file {path} does not exist.")
+    _check_storages(path)
     obj = _unpickle(path, trust_pickle)
     if isinstance(obj, nn.Module):
+        _check_materialised(obj, path)
         return LoadedModel(obj.eval(), None)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _from_checkpoint(obj, path)
@@ -82,11 +87,59 @@ def load_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> Loaded
     )
 
 
+class _NoInit(TorchFunctionMode):
+    """Skip weight initialisation: a skeleton's values are never read, and initialising meta tensors
+    makes torch import ~800 modules (74 MB) for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", "") == "torch.nn.init" or getattr(func, "__name__", "") in _INIT_OPS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+_INIT_OPS = ("normal_", "uniform_", "trunc_normal_")
+
+
+@contextlib.contextmanager
+def _skeleton() -> Iterator[None]:
+    """Modules built here (by a config, or by a constructor a pickle calls) hold no memory."""
+    with torch.device("meta"), _NoInit():
+        yield
+
+
+def _check_storages(path: Path) -> None:
+    """torch.save stores tensors uncompressed; a compressed entry could unpack to any size before any check."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise VeraExportError(
+                    f"{path} holds a compressed entry '{info.filename}' ({info.compress_size:,} bytes that unpack to"
+                    f" {info.file_size:,}): torch.save never compresses, and unpacking could take any amount of"
+                    " memory. Save the model again with torch.save."
+                )
+
+
+def _check_materialised(model: nn.Module, path: Path) -> None:
+    """Tensors restored from the file are on the CPU; a constructor the pickle calls builds them on
+    the meta device (see _unpickle): such a module declares weights the file does not hold."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise VeraExportError(
+                f"{path} builds '{name}' {list(tensor.shape)} by calling a constructor instead of storing it:"
+                " the file declares weights it does not hold. Save the model again with torch.save(model, path)."
+            )
+
+
 def _unpickle(path: Path, trust_pickle: bool):
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_trusted_classes()):
+        # Constructors an allowlisted pickle calls (nn.Linear(20000, 20000)) allocate nothing on the
+        # meta device; tensors stored in the file are still restored on the CPU.
+        with torch.serialization.safe_globals(_trusted_classes()), _skeleton():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -106,17 +159,38 @@ def _unpickle(path: Path, trust_pickle: bool):
 
 
 def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:
-    import vera_models
-
     if checkpoint.get("version") != VERSION:
         raise VeraExportError(
             f"{path} is checkpoint version {checkpoint.get('version')}; this vera-export reads {VERSION}:"
             " upgrade vera-export."
         )
     try:
-        model = vera_models.build_base(checkpoint["architecture"], checkpoint["config"])
-        apply_vera(model, VeraConfig(**checkpoint["vera"]))
+        with _skeleton():  # sizes first: a config may declare far more than the file holds
+            _check_declared(_build(checkpoint), checkpoint["state_dict"], path)
+        model = _build(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise VeraExportError(f"{path} is a damaged vera-export checkpoint: {exc}") from None
     return LoadedModel(model.eval(), checkpoint.get("task"))
+
+
+def _build(checkpoint: dict) -> nn.Module:
+    import vera_models
+
+    model = vera_models.build_base(checkpoint["architecture"], checkpoint["config"])
+    apply_vera(model, VeraConfig(**checkpoint["vera"]))
+    return model
+
+
+def _check_declared(skeleton: nn.Module, state_dict, path: Path) -> None:
+    """Every tensor the config declares must be in the file, at that shape, before anything is allocated."""
+    if not isinstance(state_dict, dict):
+        raise VeraExportError(f"{path} has no state_dict mapping: re-save it with vera_export.save_checkpoint.")
+    for name, tensor in skeleton.state_dict().items():
+        held = state_dict.get(name)
+        if not isinstance(held, torch.Tensor) or held.shape != tensor.shape:
+            holds = list(held.shape) if isinstance(held, torch.Tensor) else "nothing"
+            raise VeraExportError(
+                f"{path} declares '{name}' {list(tensor.shape)} in its config, but the file holds {holds}:"
+                " the checkpoint is damaged or was edited. Save it again with vera_export.save_checkpoint."
+            )

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from ._graphfile import read_contract
 from ._inputs import InputSpec, parse_specs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
-from ._staging import Staging, task_file_paths, test_pause
+from ._staging import Staging, check_writable, task_file_paths, test_pause
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
@@ -62,19 +61,6 @@ def model_input_specs(model: nn.Module, inputs: Sequence[str | InputSpec] | None
             " --input input_ids:int64<1000:batch=2,sequence=8 (one --input per forward argument)."
         )
     return parse_specs(describe())
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before the slow trace, with a probe file: permission bits don't tell (e.g. for root)."""
-    if out.is_dir():
-        raise VeraExportError(f"output path {out} is a directory: give a file name such as {out / 'model.onnx'}.")
-    if not out.parent.is_dir():
-        raise VeraExportError(f"cannot write {out}: directory {out.parent} does not exist; create it first.")
-    try:
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as exc:
-        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
 
 
 def _recipe(adapted: AdaptedModel) -> str:
@@ -244,7 +230,7 @@ def export(
     """
     start = time.perf_counter()
     out = Path(out)
-    _check_writable(out)
+    check_writable(out)
     specs = model_input_specs(model, inputs)
     model.eval()
     adapted = find_vera_layers(model, task_name)

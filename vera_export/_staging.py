@@ -12,17 +12,18 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
-from vera_runtime._io import finish_publish, publish, remove_stale_staging, staging_path
+from vera_runtime._io import finish_publish, publish, remove_stale_staging, signals_deferred, staging_path
 from vera_runtime._taskfile import task_files_beside
 
 from ._errors import VeraExportError
 
-PAUSE_VARIABLE = "VERA_EXPORT_TEST_PAUSE"  # tests: "verify" or "publish" stops there so they can kill it
+PAUSE_VARIABLE = "VERA_EXPORT_TEST_PAUSE"  # tests: "verify[:SECONDS]" or "publish[:SECONDS]" waits there
 
 
 class Interrupted(VeraExportError):
@@ -31,9 +32,10 @@ class Interrupted(VeraExportError):
 
 def test_pause(point: str) -> None:
     """Fault injection for the kill tests: announce the point on stderr and wait to be killed."""
-    if os.environ.get(PAUSE_VARIABLE) == point:
+    where, _, seconds = os.environ.get(PAUSE_VARIABLE, "").partition(":")
+    if where == point:
         print(f"vera-export paused at {point}", file=sys.stderr, flush=True)
-        time.sleep(60)
+        time.sleep(float(seconds or 60))
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -68,12 +70,16 @@ class Staging:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._sigterm is not None:
-            signal.signal(signal.SIGTERM, self._sigterm)
+        self._restore_sigterm()
         for staged in self._staged.values():
             staged.unlink(missing_ok=True)
         for scratch in self._scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
 
     def path(self, final: Path) -> Path:
         """Where to write the file that will become ``final``."""
@@ -94,12 +100,27 @@ class Staging:
 
     def publish(self) -> None:
         remove = [p for p in old_set(self.graph) if p not in self._staged] if self.replaces_set else []
-        publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
-                pause=lambda: test_pause("publish"))
-        self._staged.clear()
+        with signals_deferred():  # a SIGTERM now waits for the set, then ends the process as usual
+            publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
+                    pause=lambda: test_pause("publish"))
+            self._staged.clear()
+            self._restore_sigterm()
 
 
 def task_file_paths(graph: Path, task: str) -> tuple[Path, Path]:
     """Where a graph's task files live: beside it, named ``<stem>.<task>.task.safetensors`` etc."""
     stem = graph.with_suffix("").name
     return graph.with_name(f"{stem}.{task}{TASK_SUFFIX}"), graph.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before the slow trace, with a probe file: permission bits don't tell (e.g. for root)."""
+    if out.is_dir():
+        raise VeraExportError(f"output path {out} is a directory: give a file name such as {out / 'model.onnx'}.")
+    if not out.parent.is_dir():
+        raise VeraExportError(f"cannot write {out}: directory {out.parent} does not exist; create it first.")
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None

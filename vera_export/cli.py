@@ -106,6 +106,9 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
     (save_pretrained output) over a transformers base model (--base).
     """
+    from ._staging import check_writable
+
+    check_writable(Path(out))  # before a model that may take minutes to load
     progress = _progress(time.perf_counter())
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
                "hot_template": hot_template}
