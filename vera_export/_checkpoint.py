@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vera_runtime._io import atomic_path
+from vera_runtime._io import atomic_path, file_problem
 
 from ._errors import UntrustedFileError, VeraExportError
 from ._layer import PROJECTION_ATTR, VeraConfig, VeraLinear, VeraProjection, apply_vera
@@ -72,8 +72,10 @@ class LoadedModel:
 def load_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> LoadedModel:
     """Load a pickled VeRA module (``torch.save(model)``) or a vera-export checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise VeraExportError(f"model file {path} does not exist.")
+    if problem := file_problem(path):
+        raise VeraExportError(f"model file {path} {problem}.")
+    if path.stat().st_size == 0:
+        raise VeraExportError(f"model file {path} is empty: save the model again with torch.save(model, path).")
     _check_storages(path)
     obj = _unpickle(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -154,8 +156,11 @@ def _unpickle(path: Path, trust_pickle: bool):
             f"{path} needs code that cannot be imported here ({exc}): make the model's module"
             " importable (pip install it, or run from its folder)."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise VeraExportError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {exc}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VeraExportError(
+            f"{path} is not a readable PyTorch file (truncated, corrupt, or not saved by torch.save?): {reason}"
+        ) from None
 
 
 def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:

@@ -31,6 +31,7 @@ from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
 from ._graphfile import read_contract
 from ._inputs import InputSpec, parse_specs
+from ._limits import dim_limits, input_highs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
 from ._staging import Staging, check_writable, task_file_paths, test_pause
@@ -72,7 +73,9 @@ def _recipe(adapted: AdaptedModel) -> str:
     return "stored: A and B are not reproduced by the seed recipe; use the initializers vera_A and vera_B"
 
 
-def _contract(adapted: AdaptedModel, model: nn.Module, with_digest: bool = True) -> Contract:
+def _contract(
+    adapted: AdaptedModel, model: nn.Module, with_digest: bool = True, specs: list[InputSpec] | None = None
+) -> Contract:
     layers = tuple(LayerSpec(layer.name, layer.in_features, layer.out_features) for layer in adapted.layers)
     heads = tuple(
         HeadSpec(h.name, h.linear.in_features, h.linear.out_features, h.linear.bias is not None)
@@ -85,6 +88,8 @@ def _contract(adapted: AdaptedModel, model: nn.Module, with_digest: bool = True)
         r=adapted.r, seed=adapted.seed, recipe=_recipe(adapted), layers=layers, heads=heads,
         default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers, heads, digest),
         base_digest=digest,
+        input_highs=input_highs(model, specs or []),
+        dim_limits=dim_limits(model, specs or []),
     )
 
 
@@ -237,7 +242,7 @@ def export(
     check_task_name(adapted.task_name)
     generator = torch.Generator().manual_seed(0)
     examples = {spec.name: spec.example(generator) for spec in specs}
-    contract = _contract(adapted, model)
+    contract = _contract(adapted, model, specs=specs)
     task = current_task(adapted, contract)
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
     output_names = list(flatten_outputs(_eager(model, examples)))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from vera_runtime import Contract
+from vera_runtime._io import file_problem
 
 from ._errors import VeraExportError
 
@@ -15,8 +16,8 @@ def load_graph(graph_path: str | os.PathLike):
     import onnx
 
     graph_path = Path(graph_path)
-    if not graph_path.is_file():
-        raise VeraExportError(f"graph file {graph_path} does not exist.")
+    if problem := file_problem(graph_path):
+        raise VeraExportError(f"graph file {graph_path} {problem}.")
     try:
         proto = onnx.load(str(graph_path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends

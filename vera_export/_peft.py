@@ -122,6 +122,7 @@ class PeftRoot(nn.Module):
         super().__init__()
         self.base_model = peft_model.base_model
         self.peft_config = peft_model.peft_config
+        self.config = peft_model.base_model.model.config
 
     def forward(self, **inputs):
         return self.base_model.model(**inputs)

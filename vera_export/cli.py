@@ -141,9 +141,12 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
 
 
 def _is_adapter_folder(model_path: str) -> bool:
-    """A folder is a PEFT adapter, a file a model; a missing MODEL is neither."""
-    if not Path(model_path).exists():
-        raise VeraExportError(f"{model_path} does not exist: give a model file or a PEFT adapter folder.")
+    """A folder is a PEFT adapter, a file a model; anything else (missing, a loop, a FIFO) is neither."""
+    from vera_runtime._io import file_problem
+
+    problem = file_problem(model_path)
+    if problem and not Path(model_path).is_dir():
+        raise VeraExportError(f"{model_path} {problem}: give a model file or a PEFT adapter folder.")
     return Path(model_path).is_dir()
 
 

@@ -25,6 +25,8 @@ KEY_DEFAULT_TASK = _PREFIX + "default_task"
 KEY_FINGERPRINT = _PREFIX + "fingerprint"
 KEY_HEADS = _PREFIX + "heads"
 KEY_BASE_DIGEST = _PREFIX + "base_digest"
+KEY_INPUT_HIGHS = _PREFIX + "input_highs"
+KEY_DIM_LIMITS = _PREFIX + "dim_limits"
 
 LAMBDA_D = "vera_lambda_d"
 LAMBDA_B = "vera_lambda_b"
@@ -80,6 +82,8 @@ class Contract:
     fingerprint: str
     heads: tuple[HeadSpec, ...] = ()
     base_digest: str | None = None  # SHA-256 of the base weights; absent in graphs older than it
+    input_highs: dict[str, int] = dataclasses.field(default_factory=dict)  # token ids lie in [0, high)
+    dim_limits: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. sequence <= learned positions
     version: str = CONTRACT_VERSION
 
     def task_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -96,7 +100,9 @@ class Contract:
         layers = [dataclasses.asdict(layer) for layer in self.layers]
         heads = {KEY_HEADS: json.dumps([dataclasses.asdict(h) for h in self.heads], separators=(",", ":"))}
         digest = {KEY_BASE_DIGEST: self.base_digest} if self.base_digest else {}
-        return (heads if self.heads else {}) | digest | {
+        limits = {key: json.dumps(value, separators=(",", ":")) for key, value in
+                  ((KEY_INPUT_HIGHS, self.input_highs), (KEY_DIM_LIMITS, self.dim_limits)) if value}
+        return (heads if self.heads else {}) | digest | limits | {
             KEY_VERSION: self.version,
             KEY_R: str(self.r),
             KEY_SEED: "" if self.seed is None else str(self.seed),
@@ -132,9 +138,18 @@ class Contract:
                 fingerprint=metadata[KEY_FINGERPRINT],
                 heads=heads,
                 base_digest=metadata.get(KEY_BASE_DIGEST) or None,
+                input_highs=_int_map(metadata.get(KEY_INPUT_HIGHS)),
+                dim_limits=_int_map(metadata.get(KEY_DIM_LIMITS)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source} has malformed vera metadata ({exc!r}): re-export it.") from exc
+
+
+def _int_map(text: str | None) -> dict[str, int]:
+    value = json.loads(text or "{}")
+    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+        raise ValueError(f"expected a JSON object of integers, got {text!r:.80}")
+    return value
 
 
 def fingerprint(

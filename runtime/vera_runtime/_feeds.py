@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._contract import Contract
 from ._errors import FeedError
 
 _ORT_TYPES = {
@@ -30,8 +31,16 @@ class InputInfo:
         return f"{self.dtype.name}{list(self.shape)}"
 
 
-def check_feeds(feeds: Mapping[str, np.ndarray], inputs: dict[str, InputInfo], task_inputs: set[str]) -> int:
-    """Check names, dtypes, ranks and fixed dimensions; return the batch size (first dimension)."""
+def check_feeds(
+    feeds: Mapping[str, np.ndarray],
+    inputs: dict[str, InputInfo],
+    task_inputs: set[str],
+    contract: Contract | None = None,
+) -> int:
+    """Check names, dtypes, ranks, dimensions (fixed, and symbolic ones shared across inputs), token
+    ids and sequence lengths against what the contract records; return the batch size."""
+    if not isinstance(feeds, Mapping):
+        raise FeedError(f"feeds is a {type(feeds).__name__}: pass a dict of input name -> numpy array.")
     for name in feeds:
         if name in task_inputs:
             raise FeedError(f"'{name}' is a task input: choose the task with run(..., task=NAME), don't feed it.")
@@ -40,17 +49,53 @@ def check_feeds(feeds: Mapping[str, np.ndarray], inputs: dict[str, InputInfo], t
     missing = [f"'{n}' ({info.describe()})" for n, info in inputs.items() if n not in feeds]
     if missing:
         raise FeedError(f"missing input {', '.join(missing)}.")
-    batch = None
+    sizes: dict[str, tuple[int, str]] = {}
     for name, info in inputs.items():
-        array = feeds[name]
-        if not isinstance(array, np.ndarray):
-            raise FeedError(f"input '{name}' is a {type(array).__name__}: pass a numpy array.")
-        if array.dtype != info.dtype:
-            raise FeedError(f"input '{name}' is {array.dtype.name}, the graph needs {info.dtype.name}: use .astype().")
-        if array.ndim != len(info.shape) or any(
-            isinstance(want, int) and have != want for have, want in zip(array.shape, info.shape, strict=False)
-        ):
-            raise FeedError(f"input '{name}' has shape {list(array.shape)}, the graph needs {info.describe()}.")
-        if array.ndim and batch is None:
-            batch = array.shape[0]
-    return batch or 1
+        _check_array(name, feeds[name], info, sizes)
+    batch = sizes["batch"][0] if "batch" in sizes else next(
+        (feeds[n].shape[0] for n in inputs if feeds[n].ndim), 1
+    )
+    if batch == 0:
+        raise FeedError("the batch is empty (0 rows): give at least one row.")
+    if contract is not None:
+        _check_limits(feeds, sizes, contract)
+    return batch
+
+
+def _check_array(name: str, array, info: InputInfo, sizes: dict[str, tuple[int, str]]) -> None:
+    if not isinstance(array, np.ndarray):
+        raise FeedError(f"input '{name}' is a {type(array).__name__}: pass a numpy array.")
+    if array.dtype != info.dtype:
+        raise FeedError(f"input '{name}' is {array.dtype.name}, the graph needs {info.dtype.name}: use .astype().")
+    if array.ndim != len(info.shape) or any(
+        isinstance(want, int) and have != want for have, want in zip(array.shape, info.shape, strict=False)
+    ):
+        raise FeedError(f"input '{name}' has shape {list(array.shape)}, the graph needs {info.describe()}.")
+    for have, want in zip(array.shape, info.shape, strict=True):
+        if isinstance(want, str):
+            seen, where = sizes.setdefault(want, (have, name))
+            if seen != have:
+                raise FeedError(
+                    f"input '{name}' has {want}={have}, but '{where}' has {want}={seen}: inputs must agree on"
+                    f" '{want}' (pad them to one length)."
+                )
+
+
+def _check_limits(feeds: Mapping[str, np.ndarray], sizes: dict[str, tuple[int, str]], contract: Contract) -> None:
+    for dim, limit in contract.dim_limits.items():
+        if dim in sizes and sizes[dim][0] > limit:
+            raise FeedError(
+                f"'{sizes[dim][1]}' has {dim}={sizes[dim][0]}, but the model has positions for {limit}:"
+                " truncate the input."
+            )
+    for name, high in contract.input_highs.items():
+        array = feeds.get(name)
+        if array is None or not array.size:
+            continue
+        low, top = int(array.min()), int(array.max())
+        if low < 0 or top >= high:
+            bad = low if low < 0 else top
+            raise FeedError(
+                f"input '{name}' holds {bad}, outside the model's vocabulary [0, {high}): check the tokenizer"
+                " matches the model."
+            )

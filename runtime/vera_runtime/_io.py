@@ -9,12 +9,14 @@ the graph next (an export, a ``VeraSession``) finishes it, so the folder ends wi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,21 @@ def _default_mode() -> int:
 
 
 MODE = _default_mode()  # mkstemp creates 0600 files; a model or task file should read like any other
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file ("does not exist", "is a directory", ...), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return "is a symbolic link loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
 
 
 def staging_path(final: str | os.PathLike) -> Path:

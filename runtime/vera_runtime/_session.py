@@ -18,7 +18,7 @@ from ._contract import Contract
 from ._device import create_session
 from ._errors import FeedError
 from ._feeds import InputInfo, check_feeds
-from ._io import finish_publish
+from ._io import file_problem, finish_publish
 from ._loaders import load_any_task
 from ._taskfile import TaskFileError, check_task_name, task_files_beside
 
@@ -44,6 +44,22 @@ class _LoadedTask:
     path: Path
     feeds: dict[str, np.ndarray]  # float32 [1, n], contiguous: fed as they are on the CPU
     on_device: dict[str, ort.OrtValue] | None  # the same, copied once to the GPU
+
+
+def _names(value, what: str, example: str) -> None:
+    if value is not None and (isinstance(value, str) or not isinstance(value, Sequence)
+                              or not all(isinstance(v, str) for v in value)):
+        raise FeedError(f"{what} takes a list of names, e.g. {example}; got {value!r:.80}.")
+
+
+def _check_choice(task, tasks, outputs) -> None:
+    """task=, tasks= and outputs= by type, before anything runs."""
+    if task is not None and tasks is not None:
+        raise FeedError("give task=NAME for the whole batch or tasks=[NAME per row], not both.")
+    if task is not None and not isinstance(task, str):
+        raise FeedError(f"task= takes one task name (a str), got {task!r:.80}; for a task per row use tasks=[...].")
+    _names(tasks, "tasks=", "tasks=['topic', 'sentiment'] (one per row)")
+    _names(outputs, "outputs=", "outputs=['logits']")
 
 
 class VeraSession:
@@ -74,8 +90,8 @@ class VeraSession:
             finish_publish(self.model_path)  # an export killed while renaming its files: finish it first
         except OSError as exc:
             raise TaskFileError(str(exc)) from None
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"graph file {self.model_path} does not exist.")
+        if problem := file_problem(self.model_path):
+            raise FileNotFoundError(f"graph file {self.model_path} {problem}.")
         options = session_options or ort.SessionOptions()
         options.log_severity_level = max(options.log_severity_level, 3)  # one warning per λ default otherwise
         if threads:
@@ -184,9 +200,8 @@ class VeraSession:
         """Run the model inputs ``feeds`` with one ``task``, or ``tasks`` (one name per batch row),
         or neither (the graph's default task). Returns outputs by name: numpy arrays, or OrtValues
         left on the GPU with ``keep_on_device=True``."""
-        if task is not None and tasks is not None:
-            raise FeedError("give task=NAME for the whole batch or tasks=[NAME per row], not both.")
-        batch = check_feeds(feeds, self._inputs, self._task_inputs)
+        _check_choice(task, tasks, outputs)
+        batch = check_feeds(feeds, self._inputs, self._task_inputs, self.contract)
         names = list(outputs or self.output_names)
         unknown = [n for n in names if n not in self.output_names]
         if unknown:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ._contract import CONTRACT_VERSION, Contract
-from ._io import atomic_path, atomic_write_bytes
+from ._io import atomic_path, atomic_write_bytes, file_problem
 
 TASK_SUFFIX = ".task.safetensors"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -116,8 +116,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]
     """A safetensors file's metadata and tensors, read once; TaskFileError if it is missing or damaged."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise TaskFileError(f"task file {path} does not exist.")
+    if problem := file_problem(path):
+        raise TaskFileError(f"task file {path} {problem}.")
     try:
         with safe_open(path, framework="numpy") as reader:
             return reader.metadata() or {}, {name: reader.get_tensor(name) for name in reader.keys()}
@@ -199,8 +199,8 @@ def read_onnx_adapter(path: str | os.PathLike) -> tuple[int, dict[str, np.ndarra
     import onnxruntime as ort
 
     path = Path(path)
-    if not path.is_file():
-        raise TaskFileError(f"adapter file {path} does not exist.")
+    if problem := file_problem(path):
+        raise TaskFileError(f"adapter file {path} {problem}.")
     try:
         adapter = ort.AdapterFormat.read_adapter(str(path))
         # The arrays view memory owned by `adapter`: copy them before it goes away.

@@ -16,6 +16,7 @@ import numpy as np
 
 from ._contract import ContractError
 from ._errors import DeviceError, FeedError
+from ._io import file_problem
 from ._session import VeraSession
 from ._taskfile import TaskFileError, read_task, task_files_beside
 
@@ -24,29 +25,73 @@ _EXPECTED = (ContractError, DeviceError, FeedError, TaskFileError, FileNotFoundE
 
 def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
     """Model inputs from .npz (by name), .npy (the graph's only input) or JSON ({name: nested list})."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist.")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    if path.suffix == ".npy":
-        if len(session.input_names) != 1:
-            raise FeedError(f"{path} holds one array; the graph needs {session.input_names}: use .npz or JSON.")
-        return {session.input_names[0]: np.load(path, allow_pickle=False)}
+    if problem := file_problem(path):
+        raise FileNotFoundError(f"input file {path} {problem}.")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        if path.suffix == ".npy":
+            if len(session.input_names) != 1:
+                raise FeedError(f"{path} holds one array; the graph needs {session.input_names}: use .npz or JSON.")
+            return {session.input_names[0]: np.load(path, allow_pickle=False)}
+    except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), truncated or not numpy at all
+        raise FeedError(f"{path} is not a readable numpy file without pickled objects: {exc}") from None
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        dtypes = {name: info.dtype for name, info in session.inputs.items()}
-        return {name: np.asarray(value, dtype=dtypes.get(name)) for name, value in data.items()}
+        return _json_inputs(path, session)
     raise FeedError(f"{path}: inputs must be .npz, .npy or .json.")
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _json_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FeedError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FeedError(f"{path} holds a JSON {type(data).__name__}: give an object {{input name: nested list}}.")
+    return {name: _json_array(path, name, value, session.inputs.get(name)) for name, value in data.items()}
+
+
+def _json_array(path: Path, name: str, value, info) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise FeedError(f"{path}: input '{name}' is not a rectangular array (rows of different lengths?).") from None
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise FeedError(f"{path}: input '{name}' must hold numbers in nested lists of equal lengths.")
+    if info is None:
+        return array
+    if np.issubdtype(info.dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.mod(array, 1) == 0):
+            raise FeedError(f"{path}: input '{name}' takes integers ({info.dtype.name}); it holds fractions.")
+    return array.astype(info.dtype)
+
+
+def _quiet_options(args):
+    """ONNX Runtime logs its own errors: our one-line message says it, unless --verbose."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3 if args.verbose else 4
+    return options
+
+
 def _session(args) -> VeraSession:
-    session = VeraSession(args.graph, device=args.device)
+    session = VeraSession(args.graph, device=args.device, session_options=_quiet_options(args))
     session.load_tasks_beside()
     for entry in getattr(args, "task_files", None) or []:
         name, _, path = entry.partition("=")
         session.load_task(name, path)
     return session
+
+
+def _printable(text: str) -> str:
+    """Text from a file, with control characters escaped: metadata must not drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _summary(array: np.ndarray, width: int = 4) -> str:
@@ -56,14 +101,14 @@ def _summary(array: np.ndarray, width: int = 4) -> str:
 
 
 def _cmd_tasks(args) -> None:
-    session = VeraSession(args.graph, device="cpu")
+    session = VeraSession(args.graph, device="cpu", session_options=_quiet_options(args))
     print(f"{args.graph}: default task '{session.default_task}'")
     for path in task_files_beside(args.graph).values():
         try:
             task = read_task(path, session.contract)
-            print(f"  {task.name:<20} {path.name}")
+            print(f"  {_printable(task.name):<20} {path.name}")
         except TaskFileError as exc:
-            print(f"  {'(refused)':<20} {path.name}: {exc}")
+            print(f"  {'(refused)':<20} {path.name}: {_printable(str(exc))}")
 
 
 def _cmd_run(args) -> None:
@@ -116,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.func(args)
-    except _EXPECTED as exc:
+    except Exception as exc:  # one line for every failure; the traceback only with --verbose
         if args.verbose:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"Error: {message}", file=sys.stderr)
+        if not isinstance(exc, _EXPECTED):
+            message = f"unexpected {type(exc).__name__}: {message} (rerun with --verbose for the traceback)"
+        print(f"Error: {_printable(str(message))}", file=sys.stderr)
         return 1
     return 0
 
