@@ -147,3 +147,180 @@ def test_a_compressed_storage_is_refused_before_it_inflates(tmp_path):
     message, peak = _peak_rss_of_loading(packed)
     assert "holds a compressed entry" in message and "torch.save never compresses" in message, message
     assert peak < 300, f"peak RSS {peak:.0f} MB"
+
+
+# -- task files cannot be misrouted ------------------------------------------------------------------------
+
+
+def _strip_metadata(source: Path, target: Path, **changes) -> Path:
+    """A copy of a native task file with metadata keys removed (None) or changed."""
+    from safetensors.numpy import save_file
+
+    from vera_runtime._taskfile import read_safetensors
+
+    metadata, tensors = read_safetensors(source)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        metadata.pop(key) if value is None else metadata.__setitem__(key, value)
+    save_file(tensors, target, metadata=metadata)
+    return target
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"format": None}, "carries vera-export metadata but not format='vera-task'"),
+    ({"vera__contract_version": "999"}, "follows task contract version '999'"),
+])
+def test_native_task_files_must_say_what_they_are(encoder, tmp_path, changes, message):
+    from vera_runtime import TaskFileError
+
+    path = _strip_metadata(encoder.result.task_path, tmp_path / "t.task.safetensors", **changes)
+    session = VeraSession(encoder.path, device="cpu")
+    with pytest.raises(TaskFileError, match=message):
+        session.load_task("t", path)
+    assert session.tasks == ()
+
+
+def test_a_peft_file_without_projections_needs_its_adapter_config(bert, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from vera_runtime import TaskFileError
+
+    bert.model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if not k.endswith(("vera_A", "vera_B"))}
+    save_file(tensors, weights)
+    session = VeraSession(bert.path, device="cpu")
+    session.load_task("with-config", weights)  # seed and r checked against adapter_config.json
+    config = tmp_path / "adapter" / "adapter_config.json"
+    for text, message in ((b"", "is not readable JSON"), (b'{"r": 1', "is not readable JSON"),
+                          (b"[1, 2]", "holds a JSON list, not an object"), (b"\xff\xfe", "is not readable JSON")):
+        config.write_bytes(text)
+        with pytest.raises(TaskFileError, match=message):
+            session.load_task("bad", weights)
+    config.unlink()
+    with pytest.raises(TaskFileError, match="stores no A/B and has no adapter_config.json beside it"):
+        session.load_task("bad", weights)
+    assert session.tasks == ("with-config",)
+
+
+def test_task_files_belong_to_a_graph_by_exact_stem(encoder, tmp_path):
+    from vera_runtime._taskfile import task_files_beside
+
+    for name in ("encoder.onnx", "encoder.v2.onnx"):
+        (tmp_path / name).write_bytes(encoder.path.read_bytes())
+    for name in ("encoder.a1", "encoder.v2.a1", "encoder.v2.b2"):
+        (tmp_path / f"{name}.task.safetensors").write_bytes(encoder.result.task_path.read_bytes())
+    assert list(task_files_beside(tmp_path / "encoder.onnx")) == ["a1"]
+    assert list(task_files_beside(tmp_path / "encoder.v2.onnx")) == ["a1", "b2"]
+
+
+@pytest.mark.parametrize("name", ["v2.a1", "topic\n", "", "x" * 65, "a b"])
+def test_task_names_are_letters_digits_dash_underscore(name):
+    from vera_runtime import TaskFileError
+    from vera_runtime._taskfile import check_task_name
+
+    with pytest.raises(TaskFileError, match="use 1-64 letters, digits, '_' or '-'"):
+        check_task_name(name)
+
+
+def test_tasks_are_not_replaced_by_accident_and_reexports_replace_the_whole_set(sets, tmp_path):
+    old, _, model = sets
+    for path in old.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    graph = tmp_path / "m.onnx"
+    topic = old.parent / "models" / "topic.pt"
+    for task_name in ("topic", "sentiment"):  # an added task, and the graph's default task
+        result = CliRunner().invoke(main, ["task", str(topic), "--graph", str(graph), "--task-name", task_name])
+        assert result.exit_code == 1 and f"already has a task '{task_name}'" in result.stderr, result.output
+        assert "--overwrite" in result.stderr
+    result = CliRunner().invoke(main, ["task", str(topic), "--graph", str(graph), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, [str(model), "--out", str(graph), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.sentiment.onnx_adapter",
+                                                           "m.sentiment.task.safetensors"]  # no stale 'topic'
+    result = CliRunner().invoke(main, ["task", str(topic), "--graph", str(graph)])
+    assert result.exit_code == 0, result.output  # the README's commands run again as they did the first time
+
+
+def test_duplicate_task_names_in_one_command_are_refused(bert_folders_for_names, tmp_path):
+    base, first, second = bert_folders_for_names
+    for extra in ([f"first={second}"], [f"a1={first}", f"a1={second}"]):
+        args = [str(first), "--base", str(base), *[a for e in extra for a in ("--task", e)], "--out",
+                str(tmp_path / "m.onnx")]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "is given twice" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def bert_folders_for_names(tmp_path_factory):
+    from peft_folders import make_adapter, make_base
+
+    root = tmp_path_factory.mktemp("names")
+    base = make_base(root / "base", "bert-features")
+    return base, make_adapter(root / "first", base, "bert-features", 1), make_adapter(root / "second", base,
+                                                                                      "bert-features", 2)
+
+
+# -- a task over other base weights ------------------------------------------------------------------------
+
+
+def test_a_task_trained_over_other_base_weights_is_refused(sets, tmp_path):
+    """Same layout, other base weights (as cased vs uncased BERT): the task would give garbage."""
+    from vera_runtime import TaskFileError
+
+    other_base = vera_models.make_task(vera_models.build("tiny-encoder", seed=5), 2)
+    other = save_checkpoint(other_base, tmp_path / "other.pt", "other")
+    old, _, _ = sets
+    result = CliRunner().invoke(main, ["task", str(other), "--graph", str(old / "m.onnx")])
+    assert result.exit_code == 1 and "its base weights differ" in result.stderr, result.output
+    (tmp_path / "own").mkdir()
+    result = CliRunner().invoke(main, [str(other), "--out", str(tmp_path / "own" / "o.onnx"), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    session = VeraSession(old / "m.onnx", device="cpu")
+    with pytest.raises(TaskFileError, match="trained over other base weights"):
+        session.load_task("other", tmp_path / "own" / "o.other.task.safetensors")
+    with pytest.raises(TaskFileError, match="was made for another graph"):
+        session.load_task("other", tmp_path / "own" / "o.other.onnx_adapter")
+
+
+# -- one line for every bad path ---------------------------------------------------------------------------
+
+
+def test_bad_model_paths_give_one_line_that_names_the_problem(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop.pt")
+    (tmp_path / "text.pt").write_text("not a model, just text\n" * 4)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "out").mkdir()
+    cases = {
+        "fifo.pt": "is not a regular file (a FIFO, socket or device)",
+        "loop.pt": "is a symbolic link loop",
+        "text.pt": "is not a readable PyTorch file (truncated, corrupt, or not saved by torch.save?)",
+        "empty.pt": "is empty: save the model again",
+        "missing.pt": "does not exist",
+    }
+    for name, message in cases.items():
+        result = CliRunner().invoke(main, [str(tmp_path / name), "--out", str(tmp_path / "out" / "m.onnx")])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], (name, result.output)
+        assert "Traceback" not in result.output and "unexpected" not in result.output
+    result = CliRunner().invoke(main, [str(tmp_path / "missing.pt"), "--out", str(tmp_path / "nowhere" / "m.onnx")])
+    assert result.exit_code == 1 and "directory" in result.stderr and "does not exist" in result.stderr
+
+
+def test_bad_adapter_configs_give_one_line(bert_folders_for_names, tmp_path):
+    import shutil
+
+    base, first, _ = bert_folders_for_names
+    broken = tmp_path / "broken"
+    shutil.copytree(first, broken)
+    for text, message in ((b"", "is not valid JSON"), (b'{"peft_type": "VERA"', "is not valid JSON"),
+                          (b"[]", "holds a JSON list, not an object"), (b"\xff\xfe\x00", "is not valid JSON")):
+        (broken / "adapter_config.json").write_bytes(text)
+        result = CliRunner().invoke(main, [str(broken), "--base", str(base), "--out", str(tmp_path / "m.onnx")])
+        assert result.exit_code == 1 and message in result.stderr and "unexpected" not in result.stderr, result.output
+    result = CliRunner().invoke(main, [str(first), "--base", str(tmp_path / "no-base"), "--out",
+                                       str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "base model folder" in result.stderr and "does not exist" in result.stderr

@@ -79,3 +79,45 @@ def test_plain_onnxruntime_example_switches_tasks_with_adapters(deployed):
     sess.load_tasks_beside()
     first = sess.run(example, task="other")["logits"][0][0]
     assert f"{first:.4f}".rstrip("0") in lines[1]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"input_ids": [[1, NaN]], "attention_mask": [[1, 1]]}', "is not valid JSON: NaN is not a number JSON allows"),
+    ('{"input_ids": [[1, 2], [3]], "attention_mask": [[1, 1], [1]]}', "'input_ids' is not a rectangular array"),
+    ("[[1, 2]]", "holds a JSON list: give an object"),
+    ('{"input_ids": [[1.9, 2]], "attention_mask": [[1, 1]]}', "'input_ids' takes integers (int64); it holds fractions"),
+    ('{"input_ids": [["a", "b"]], "attention_mask": [[1, 1]]}', "'input_ids' must hold numbers"),
+    ('{"input_ids": [[1, 99999]], "attention_mask": [[1, 1]]}', "holds 99999, outside the model's vocabulary"),
+])
+def test_bad_json_inputs_are_one_line_errors(deployed, tmp_path, capfd, text, message):
+    graph, _, _ = deployed
+    path = tmp_path / "input.json"
+    path.write_text(text)
+    assert main(["run", str(graph), "--input", str(path), "--device", "cpu"]) == 1
+    captured = capfd.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()] and message in captured.err, captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_an_npz_with_pickled_objects_is_refused(deployed, tmp_path, capsys):
+    graph, _, example = deployed
+    path = tmp_path / "input.npz"
+    np.savez(path, input_ids=np.array([object(), 1], dtype=object), attention_mask=example["attention_mask"])
+    assert main(["run", str(graph), "--input", str(path), "--device", "cpu"]) == 1
+    assert "is not a readable numpy file without pickled objects" in capsys.readouterr().err
+
+
+def test_task_names_from_files_cannot_drive_the_terminal(deployed, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    from vera_runtime._taskfile import read_safetensors
+
+    graph, _, _ = deployed
+    folder = tmp_path / "deployed"
+    shutil.copytree(graph.parent, folder)
+    path = folder / graph.name.replace(".onnx", ".other.task.safetensors")
+    metadata, tensors = read_safetensors(path)
+    save_file(tensors, path, metadata={**metadata, "vera.task": "\x1b[2Jcleared"})
+    assert main(["tasks", str(folder / graph.name)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2Jcleared" in out

@@ -158,6 +158,19 @@ def test_feeds_are_checked(vera):
         (feeds, {"task": "a", "tasks": ["a"] * 3}, "not both"),
         (feeds, {"task": "zzz"}, "task 'zzz' is not loaded"),
         (feeds, {"outputs": ["nope"]}, "the graph has no output ['nope']"),
+        # before ONNX Runtime sees them: its own messages (or silent wrap-around) are no help
+        ({**feeds, "attention_mask": feeds["attention_mask"][:2]}, {},
+         "input 'attention_mask' has batch=2, but 'input_ids' has batch=3: inputs must agree on 'batch'"),
+        ({**feeds, "attention_mask": feeds["attention_mask"][:, :5]}, {}, "inputs must agree on 'sequence'"),
+        (_feeds(seq=129), {}, "'input_ids' has sequence=129, but the model has positions for 128"),
+        ({**feeds, "input_ids": feeds["input_ids"] + 8192}, {}, "outside the model's vocabulary [0, 8192)"),
+        ({**feeds, "input_ids": -feeds["input_ids"] - 1}, {}, "input 'input_ids' holds -"),
+        (_feeds(batch=0), {}, "the batch is empty (0 rows)"),
+        (feeds, {"tasks": [None, None, None]}, "tasks= takes a list of names"),
+        (feeds, {"tasks": "aaa"}, "tasks= takes a list of names"),
+        (feeds, {"task": ["a"]}, "task= takes one task name (a str)"),
+        (feeds, {"outputs": "logits"}, "outputs= takes a list of names, e.g. outputs=['logits']"),
+        ([1, 2], {}, "feeds is a list: pass a dict"),
     ]
     for bad_feeds, kwargs, message in cases:
         with pytest.raises(FeedError) as error:

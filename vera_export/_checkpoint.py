@@ -150,17 +150,21 @@ def _unpickle(path: Path, trust_pickle: bool):
                 f"{path} needs class {blocked[1]}, which vera-export does not trust: unpickling it"
                 f" runs code from the file. If you trust {path.name}, rerun with {TRUST_FLAG}."
             ) from None
-        raise VeraExportError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {exc}") from None
+        raise _unreadable(path, exc) from None
     except (AttributeError, ModuleNotFoundError) as exc:
         raise VeraExportError(
             f"{path} needs code that cannot be imported here ({exc}): make the model's module"
             " importable (pip install it, or run from its folder)."
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, zipfile.BadZipFile) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VeraExportError(
-            f"{path} is not a readable PyTorch file (truncated, corrupt, or not saved by torch.save?): {reason}"
-        ) from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> VeraExportError:
+    reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return VeraExportError(
+        f"{path} is not a readable PyTorch file (truncated, corrupt, or not saved by torch.save?): {reason}"
+    )
 
 
 def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:
