@@ -324,3 +324,33 @@ def test_bad_adapter_configs_give_one_line(bert_folders_for_names, tmp_path):
     result = CliRunner().invoke(main, [str(first), "--base", str(tmp_path / "no-base"), "--out",
                                        str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "base model folder" in result.stderr and "does not exist" in result.stderr
+
+
+# -- failures while writing --------------------------------------------------------------------------------
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(sets, tmp_path):
+    """RLIMIT_FSIZE makes every write past 256 KB fail as a full disk would (EFBIG instead of ENOSPC)."""
+    import resource
+
+    _, _, model = sets
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    result = subprocess.run([*_CLI, str(model), "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True,
+                            preexec_fn=small_files, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert f"cannot write {tmp_path / 'm.onnx'}: File too large" in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_blocked_task_path_in_a_multi_task_export_writes_nothing(bert_folders_for_names, tmp_path):
+    base, first, second = bert_folders_for_names
+    (tmp_path / "m.second.task.safetensors").mkdir()  # in the way of the second task's file
+    result = CliRunner().invoke(main, [str(first), "--base", str(base), "--task", f"second={second}", "--out",
+                                       str(tmp_path / "m.onnx"), "--no-verify"])
+    assert result.exit_code == 1 and "m.second.task.safetensors: a directory is in the way" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m.second.task.safetensors"]

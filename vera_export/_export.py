@@ -34,7 +34,7 @@ from ._inputs import InputSpec, parse_specs
 from ._limits import dim_limits, input_highs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
-from ._staging import Staging, check_writable, task_file_paths, test_pause
+from ._staging import Staging, check_writable, task_file_paths, test_pause, unstaged
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
@@ -205,7 +205,7 @@ def _writing(out: Path, stage: Staging | None, replaces_set: bool) -> Iterator[S
             yield own
             own.publish()
     except OSError as exc:
-        failed = exc.filename or out
+        failed = out.parent / unstaged(exc.filename) if exc.filename else out
         raise VeraExportError(
             f"cannot write {failed}: {exc.strerror or exc}; free space or choose another --out."
         ) from None

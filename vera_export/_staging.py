@@ -9,6 +9,7 @@ export killed earlier (SIGKILL) are removed by the next one into the folder.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -18,7 +19,14 @@ import time
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
-from vera_runtime._io import finish_publish, publish, remove_stale_staging, signals_deferred, staging_path
+from vera_runtime._io import (
+    STAGING_SUFFIX,
+    finish_publish,
+    publish,
+    remove_stale_staging,
+    signals_deferred,
+    staging_path,
+)
 from vera_runtime._taskfile import task_files_beside
 
 from ._errors import VeraExportError
@@ -99,12 +107,24 @@ class Staging:
         return list(self._staged)
 
     def publish(self) -> None:
+        for final in self._staged:  # what would fail half-way through the renames fails before them
+            if final.is_dir() and not final.is_symlink():
+                raise VeraExportError(
+                    f"cannot write {final}: a directory is in the way; move it, or choose another --out."
+                )
         remove = [p for p in old_set(self.graph) if p not in self._staged] if self.replaces_set else []
         with signals_deferred():  # a SIGTERM now waits for the set, then ends the process as usual
             publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
                     pause=lambda: test_pause("publish"))
             self._staged.clear()
             self._restore_sigterm()
+
+
+def unstaged(path: str | os.PathLike) -> str:
+    """The final name of a staged file (``.m.onnx.<pid>.<hex>.vera-tmp`` -> ``m.onnx``), for messages."""
+    name = Path(path).name
+    match = re.match(rf"^\.(?P<name>.+)\.\d+\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$", name)
+    return match["name"] if match else name
 
 
 def task_file_paths(graph: Path, task: str) -> tuple[Path, Path]:
