@@ -34,7 +34,7 @@ from ._inputs import InputSpec, parse_specs
 from ._limits import dim_limits, input_highs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
-from ._staging import Staging, check_writable, task_file_paths, test_pause, unstaged
+from ._staging import Staging, check_writable, pause_for_tests, task_file_paths, unstaged
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
@@ -178,7 +178,7 @@ def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) 
     for final, graph in graphs.items():
         _save(graph, scratch, final.name)
     verification = check(scratch / next(iter(graphs)).name) if check else None
-    test_pause("verify")
+    pause_for_tests("verify")
     folder = next(iter(graphs)).parent
     for written in sorted(scratch.iterdir()):
         os.replace(written, stage.path(folder / written.name))

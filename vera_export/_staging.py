@@ -38,7 +38,7 @@ class Interrupted(VeraExportError):
     """SIGTERM arrived during an export: everything staged was removed."""
 
 
-def test_pause(point: str) -> None:
+def pause_for_tests(point: str) -> None:
     """Fault injection for the kill tests: announce the point on stderr and wait to be killed."""
     where, _, seconds = os.environ.get(PAUSE_VARIABLE, "").partition(":")
     if where == point:
@@ -70,9 +70,11 @@ class Staging:
         self._sigterm = None
 
     def __enter__(self) -> Staging:
-        folder = self.graph.parent
-        finish_publish(self.graph)
-        remove_stale_staging(folder)
+        try:
+            finish_publish(self.graph)  # an earlier export killed between renames: complete its set first
+            remove_stale_staging(self.graph.parent)
+        except OSError as exc:
+            raise VeraExportError(f"cannot prepare {self.graph.parent}: {exc}") from None
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
@@ -103,9 +105,6 @@ class Staging:
         self._scratch.append(folder)
         return folder
 
-    def finals(self) -> list[Path]:
-        return list(self._staged)
-
     def publish(self) -> None:
         for final in self._staged:  # what would fail half-way through the renames fails before them
             if final.is_dir() and not final.is_symlink():
@@ -115,7 +114,7 @@ class Staging:
         remove = [p for p in old_set(self.graph) if p not in self._staged] if self.replaces_set else []
         with signals_deferred():  # a SIGTERM now waits for the set, then ends the process as usual
             publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
-                    pause=lambda: test_pause("publish"))
+                    pause=lambda: pause_for_tests("publish"))
             self._staged.clear()
             self._restore_sigterm()
 

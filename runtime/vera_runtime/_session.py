@@ -47,7 +47,7 @@ class _LoadedTask:
 
 
 def _names(value, what: str, example: str) -> None:
-    if value is not None and (isinstance(value, str) or not isinstance(value, Sequence)
+    if value is not None and (isinstance(value, str) or not isinstance(value, (Sequence, np.ndarray))
                               or not all(isinstance(v, str) for v in value)):
         raise FeedError(f"{what} takes a list of names, e.g. {example}; got {value!r:.80}.")
 
