@@ -92,19 +92,25 @@ def test_a_killed_export_leaves_the_old_set_or_the_new_one(sets, tmp_path, point
     assert set(_visible(tmp_path)) == set(_visible(new))
 
 
-def _peak_rss_of_loading(path: Path) -> tuple[str, float]:
-    """Load ``path`` in a child process; its error message and its peak RSS in MB (VmHWM: unlike
-    ru_maxrss, it does not inherit the parent's peak across fork and exec)."""
+def _memory_of_loading(path: Path) -> tuple[str, float]:
+    """Load ``path`` in a child process: its error message, and how far loading raised the process's peak
+    RSS above what importing torch and vera-export had already taken, in MB. (VmHWM: unlike ru_maxrss, it
+    does not inherit the parent's peak across fork and exec. Importing torch alone takes 218-275 MB
+    here, depending on how its libraries are cached: the absolute peak is reported, the growth asserted.)"""
     code = (
-        "import re\nfrom pathlib import Path\nfrom vera_export import VeraExportError, load_model\n"
+        "import re\nfrom pathlib import Path\nimport vera_models\nfrom vera_export import VeraExportError, load_model\n"
+        "def peak():\n    return int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1]) / 1024\n"
+        "before = peak()\n"
         f"try:\n    load_model({str(path)!r})\n    print('loaded')\n"
         "except VeraExportError as exc:\n    print(exc)\n"
-        "print(int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1]) / 1024)\n"
+        "print(peak() - before, peak())\n"
     )
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = child.stdout.splitlines()
     assert len(lines) >= 2, child.stderr
-    return lines[0], float(lines[-1])
+    growth, peak = (float(x) for x in lines[-1].split())
+    print(f"{path.name}: peak RSS {peak:.0f} MB, {growth:.1f} MB of it while loading")
+    return lines[0], growth
 
 
 class _Constructs:
@@ -117,9 +123,9 @@ class _Constructs:
 def test_a_pickle_that_calls_a_constructor_is_refused_without_allocating(tmp_path):
     torch.save(_Constructs(), tmp_path / "model.pt")
     assert (tmp_path / "model.pt").stat().st_size < 2000
-    message, peak = _peak_rss_of_loading(tmp_path / "model.pt")
+    message, growth = _memory_of_loading(tmp_path / "model.pt")
     assert "builds 'weight' [20000, 20000] by calling a constructor instead of storing it" in message
-    assert peak < 300, f"peak RSS {peak:.0f} MB"
+    assert growth < 32, f"loading took {growth:.0f} MB"
 
 
 def test_a_checkpoint_whose_config_declares_more_than_it_holds_is_refused_first(tmp_path):
@@ -128,9 +134,9 @@ def test_a_checkpoint_whose_config_declares_more_than_it_holds_is_refused_first(
                   "config": {**vars(model.config), "vocab_size": 4_000_000},
                   "vera": {"target_modules": ["query", "value"], "r": 8}, "task": "x", "state_dict": {}}
     torch.save(checkpoint, tmp_path / "model.pt")
-    message, peak = _peak_rss_of_loading(tmp_path / "model.pt")
+    message, growth = _memory_of_loading(tmp_path / "model.pt")
     assert "declares 'tokens.weight' [4000000," in message and "but the file holds nothing" in message, message
-    assert peak < 300, f"peak RSS {peak:.0f} MB"
+    assert growth < 32, f"loading took {growth:.0f} MB"
 
 
 def test_a_compressed_storage_is_refused_before_it_inflates(tmp_path):
@@ -144,9 +150,9 @@ def test_a_compressed_storage_is_refused_before_it_inflates(tmp_path):
                     out.write(chunk)
     plain.unlink()
     assert packed.stat().st_size < 5_000_000
-    message, peak = _peak_rss_of_loading(packed)
+    message, growth = _memory_of_loading(packed)
     assert "holds a compressed entry" in message and "torch.save never compresses" in message, message
-    assert peak < 300, f"peak RSS {peak:.0f} MB"
+    assert growth < 32, f"loading took {growth:.0f} MB"
 
 
 # -- task files cannot be misrouted ------------------------------------------------------------------------
