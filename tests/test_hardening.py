@@ -241,6 +241,9 @@ def test_tasks_are_not_replaced_by_accident_and_reexports_replace_the_whole_set(
         assert "--overwrite" in result.stderr
     result = CliRunner().invoke(main, ["task", str(topic), "--graph", str(graph), "--overwrite"])
     assert result.exit_code == 0, result.output
+    legacy = tmp_path / ".m.onnx.k2j4_x9a.tmp"  # what vera-export 0.1.0 left when killed mid-export
+    legacy.write_bytes(b"92 MB in real life")
+    os.utime(legacy, (1, 1))
     result = CliRunner().invoke(main, [str(model), "--out", str(graph), "--no-verify"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.sentiment.onnx_adapter",

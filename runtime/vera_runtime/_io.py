@@ -18,12 +18,16 @@ import shutil
 import signal
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 STAGING_SUFFIX = ".vera-tmp"
 JOURNAL_SUFFIX = ".vera-publish"
 _STAGED = re.compile(rf"^\..+\.(?P<pid>\d+)\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$")
+# vera-export 0.1.0 staged with mkstemp: '.m.onnx.k2j4_x9a.tmp', without a pid; removed once older than this process
+_LEGACY = re.compile(r"^\..+\.(onnx|onnx_adapter|safetensors|data)\.[a-z0-9_]{8}\.tmp$")
+_STARTED = time.time()
 
 
 def _default_mode() -> int:
@@ -91,7 +95,8 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for path in Path(folder).iterdir():
         match = _STAGED.match(path.name)
-        if match and not _alive(int(match["pid"])):
+        legacy = _LEGACY.match(path.name) and path.is_file() and path.stat().st_mtime < _STARTED
+        if legacy or (match and not _alive(int(match["pid"]))):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed
