@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from ._contract import ContractError
 from ._errors import DeviceError, FeedError
 from ._io import file_problem
+from ._jsonio import json_inputs, parse_json
 from ._session import VeraSession
 from ._taskfile import TaskFileError, read_task, task_files_beside
 
@@ -42,33 +42,8 @@ def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
     raise FeedError(f"{path}: inputs must be .npz, .npy or .json.")
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def _json_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FeedError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise FeedError(f"{path} holds a JSON {type(data).__name__}: give an object {{input name: nested list}}.")
-    return {name: _json_array(path, name, value, session.inputs.get(name)) for name, value in data.items()}
-
-
-def _json_array(path: Path, name: str, value, info) -> np.ndarray:
-    try:
-        array = np.asarray(value)
-    except ValueError:
-        raise FeedError(f"{path}: input '{name}' is not a rectangular array (rows of different lengths?).") from None
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise FeedError(f"{path}: input '{name}' must hold numbers in nested lists of equal lengths.")
-    if info is None:
-        return array
-    if np.issubdtype(info.dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.mod(array, 1) == 0):
-            raise FeedError(f"{path}: input '{name}' takes integers ({info.dtype.name}); it holds fractions.")
-    return array.astype(info.dtype)
+    return json_inputs(parse_json(path.read_bytes(), str(path)), str(path), session.inputs)
 
 
 def _quiet_options(args):
