@@ -18,6 +18,8 @@ from ._feeds import check_feeds
 from ._jsonio import json_inputs
 from ._session import VeraSession
 
+DEFAULT_MAX_BODY = 8 << 20  # bytes of JSON a request may send
+
 
 class RequestError(ValueError):
     """A request the server refuses: an HTTP status and a message naming the problem."""
