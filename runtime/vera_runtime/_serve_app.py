@@ -37,7 +37,8 @@ class VeraServer:
         self._run.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
     async def __call__(self, http: HttpRequest) -> JSONResponse:
-        route = (http.method, http.url.path.rstrip("/"))
+        path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"  # under an app's route prefix
+        route = (http.method, path.rstrip("/"))
         if route == ("GET", "/v1/health"):
             return JSONResponse({"status": "ok", "node": self.node})
         if route == ("GET", "/v1/tasks"):
