@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+import onnxruntime as ort
 import ray
 from ray import serve
 from starlette.requests import Request as HttpRequest
@@ -15,17 +16,27 @@ from ._jsonio import parse_json
 from ._session import VeraSession
 
 
+def _options() -> ort.SessionOptions:
+    """No spinning: ONNX Runtime's idle threads would otherwise spin on the cores the HTTP proxy needs."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Serve admits 5 requests per replica by default: a batch could never grow past that, and the router backs
+# off (hundreds of ms) when replicas are full. Batches need the queue: admit many, run them 16 at a time.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class VeraServer:
     """One replica: a VeraSession with its tasks, and a batch queue shared by all requests."""
 
     def __init__(self, graph: str, loads: dict[str, str], tasks_beside: bool, max_batch: int, batch_wait_ms: float,
                  max_body: int = DEFAULT_MAX_BODY) -> None:
-        self.session = VeraSession(graph, device="cpu")
+        self.session = VeraSession(graph, device="cpu", session_options=_options())
         if tasks_beside:
             self.session.load_tasks_beside()
         for name, path in loads.items():
