@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / (1 << 20))
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--loopback", action="store_true",
-                        help="with --address: a cluster whose nodes all run on this machine, over 127.0.0.1")
+                        help="with --address: a cluster whose nodes all run on this machine (over 127.0.0.1,"
+                             " requests spread over all nodes)")
     return parser
 
 
@@ -65,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.loopback or not args.address:  # Ray's own traffic over 127.0.0.1 (its default is the LAN address)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if args.loopback:  # every node is on this machine: "prefer the proxy's node" would starve the others
+        os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
     import ray
     from ray import serve
 
     from ._serve_app import VeraServer
 
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local": a Ray of our own, never one that another program left running on this machine
+    ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
