@@ -59,6 +59,24 @@ def _call(port: int, method: str, path: str, body: bytes | None = None) -> tuple
         connection.close()
 
 
+def _serve(log: Path, graph: Path, *options: str) -> tuple[subprocess.Popen, int]:
+    """Start vera-serve on a free port and wait until it answers (its output goes to ``log``)."""
+    port = _free_port()
+    command = [sys.executable, "-m", "vera_runtime.serve", str(graph), "--port", str(port), *options]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if _call(port, "GET", "/v1/health")[0] == 200:
+                return process, port
+        except (OSError, ValueError, http.client.HTTPException):  # not listening yet, or not ready (503)
+            pass
+        time.sleep(1)
+    process.kill()
+    pytest.fail(f"vera-serve did not come up: {log.read_text()[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def server(encoder, tmp_path_factory):
     """vera-serve over the encoder with four tasks beside it; shut down (and checked) after the module."""
@@ -72,20 +90,7 @@ def server(encoder, tmp_path_factory):
         tensors = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.5) for k, v in default.tensors.items()}
         write_task(folder / f"encoder.{name}.task.safetensors", Task(name, default.fingerprint, tensors,
                                                                      default.base_digest))
-    port = _free_port()
-    command = [sys.executable, "-m", "vera_runtime.serve", str(graph), "--tasks-beside", "--port", str(port),
-               "--max-batch", "16", "--batch-wait-ms", "20"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if _call(port, "GET", "/v1/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail(f"vera-serve did not come up: {process.stdout.read()}")
+    process, port = _serve(folder / "serve.log", graph, "--tasks-beside", "--max-batch", "16", "--batch-wait-ms", "20")
     children = _descendants(process.pid)
     session = VeraSession(graph, device="cpu")
     session.load_tasks_beside()
@@ -176,7 +181,7 @@ def test_a_bad_graph_fails_before_ray_starts(tmp_path):
     assert result.returncode == 1 and "none.onnx does not exist" in result.stderr
 
 
-def test_two_nodes_of_a_ray_cluster_both_answer(encoder):
+def test_two_nodes_of_a_ray_cluster_both_answer(encoder, tmp_path):
     """A two-node Ray cluster on this machine (Ray's cluster utilities, over 127.0.0.1), two replicas of
     one CPU each, so one per node; concurrent clients are answered by both."""
     root = Path(__file__).resolve().parents[1]
@@ -185,18 +190,8 @@ def test_two_nodes_of_a_ray_cluster_both_answer(encoder):
     server = None
     try:
         address = next(line.split()[1] for line in cluster.stdout if line.startswith("address"))
-        port = _free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "vera_runtime.serve", str(encoder.path), "--port", str(port), "--address", address,
-             "--loopback", "--replicas", "2", "--replica-cpus", "1", "--max-batch", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if _call(port, "GET", "/v1/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(1)
+        server, port = _serve(tmp_path / "serve.log", encoder.path, "--address", address, "--loopback",
+                              "--replicas", "2", "--replica-cpus", "1", "--max-batch", "1")
         body = json.dumps({"inputs": {"input_ids": [[1, 2, 3] * 40], "attention_mask": [[1] * 120]}}).encode()
         nodes: list[str] = []
 
