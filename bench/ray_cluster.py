@@ -13,6 +13,9 @@ import os
 import sys
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's traffic over 127.0.0.1, not the LAN address
+# Serve's proxy prefers replicas on its own node; with every node on one machine that would leave the
+# others idle. The proxy reads this in its own process, which inherits the nodes' environment: set here.
+os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
 from ray.cluster_utils import Cluster  # noqa: E402 - after the line above, which Ray reads on import
 
 

@@ -49,8 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / (1 << 20))
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--loopback", action="store_true",
-                        help="with --address: a cluster whose nodes all run on this machine (over 127.0.0.1,"
-                             " requests spread over all nodes)")
+                        help="with --address: a cluster whose nodes all run on this machine (over 127.0.0.1)")
     return parser
 
 
@@ -66,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.loopback or not args.address:  # Ray's own traffic over 127.0.0.1 (its default is the LAN address)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if args.loopback:  # every node is on this machine: "prefer the proxy's node" would starve the others
-        os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
     import ray
     from ray import serve
 
