@@ -74,8 +74,10 @@ def _recipe(adapted: AdaptedModel) -> str:
 
 
 def _contract(
-    adapted: AdaptedModel, model: nn.Module, with_digest: bool = True, specs: list[InputSpec] | None = None
+    adapted: AdaptedModel, model: nn.Module, digest: str | None, specs: list[InputSpec] | None = None
 ) -> Contract:
+    """The graph contract for ``adapted``; ``digest`` is ``base_digest(model)``, or None for graphs
+    exported before base digests (computed by the caller: hashing the weights is the costly part)."""
     layers = tuple(LayerSpec(layer.name, layer.in_features, layer.out_features) for layer in adapted.layers)
     heads = tuple(
         HeadSpec(h.name, h.linear.in_features, h.linear.out_features, h.linear.bias is not None)
@@ -83,7 +85,6 @@ def _contract(
     )
     vera_a = adapted.vera_a.detach().cpu().numpy()
     vera_b = adapted.vera_b.detach().cpu().numpy()
-    digest = base_digest(model) if with_digest else None  # graphs exported before digests have none
     return Contract(
         r=adapted.r, seed=adapted.seed, recipe=_recipe(adapted), layers=layers, heads=heads,
         default_task=adapted.task_name, fingerprint=fingerprint(vera_a, vera_b, layers, heads, digest),
@@ -242,7 +243,7 @@ def export(
     check_task_name(adapted.task_name)
     generator = torch.Generator().manual_seed(0)
     examples = {spec.name: spec.example(generator) for spec in specs}
-    contract = _contract(adapted, model, specs=specs)
+    contract = _contract(adapted, model, base_digest(model), specs)
     task = current_task(adapted, contract)
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
     output_names = list(flatten_outputs(_eager(model, examples)))
@@ -282,14 +283,18 @@ def add_task(
             f"{graph} already has a task '{name}' ({paths[0].name}): choose another name with"
             " --task-name, or replace it with --overwrite."
         )
+    digest = base_digest(model) if contract.base_digest else None  # graphs exported before digests have none
     with _writing(graph, None, replaces_set=False) as stage:
-        return stage_task(model, graph, contract, stage, name)
+        return stage_task(model, graph, contract, stage, name, digest)
 
 
-def stage_task(model: nn.Module, graph: Path, contract: Contract, stage: Staging, task_name: str) -> tuple[Path, Path]:
-    """Stage ``model``'s current λ as task ``task_name`` of the graph ``contract`` describes."""
+def stage_task(
+    model: nn.Module, graph: Path, contract: Contract, stage: Staging, task_name: str, digest: str | None
+) -> tuple[Path, Path]:
+    """Stage ``model``'s current λ as task ``task_name`` of the graph ``contract`` describes; ``digest``
+    is the model's ``base_digest`` (one per model, whatever the number of its tasks)."""
     adapted = find_vera_layers(model, task_name)
-    _check_fits(adapted, model, contract, graph)
+    _check_fits(adapted, model, contract, graph, digest)
     return _stage_task(current_task(adapted, contract), graph, stage)
 
 
@@ -297,8 +302,8 @@ def _exists(paths) -> bool:
     return any(path.exists() for path in paths)
 
 
-def _check_fits(adapted: AdaptedModel, model: nn.Module, contract: Contract, graph: Path) -> None:
-    mine = _contract(adapted, model, with_digest=contract.base_digest is not None)
+def _check_fits(adapted: AdaptedModel, model: nn.Module, contract: Contract, graph: Path, digest: str | None) -> None:
+    mine = _contract(adapted, model, digest)
     if mine.fingerprint != contract.fingerprint:
         reason = (
             f"its base weights differ (digest {mine.base_digest[:12]}, the graph's {contract.base_digest[:12]}),"

@@ -169,7 +169,9 @@ def export_peft(
         task_files = [result.task_path]
         for adapter in read[1:]:
             loaded.model.set_adapter(adapter.name)
-            task_files.append(stage_task(root, Path(out), result.contract, staging, adapter.name)[0])
+            # the same base weights for every adapter: the digest computed by export() stands
+            contract = result.contract
+            task_files.append(stage_task(root, Path(out), contract, staging, adapter.name, contract.base_digest)[0])
         loaded.model.set_adapter(read[0].name)
         staging.publish()
     return PeftExportResult(result, tuple(task_files), loaded.notes)
