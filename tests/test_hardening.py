@@ -198,8 +198,8 @@ def test_a_peft_file_without_projections_needs_its_adapter_config(bert, tmp_path
     session = VeraSession(bert.path, device="cpu")
     session.load_task("with-config", weights)  # seed and r checked against adapter_config.json
     config = tmp_path / "adapter" / "adapter_config.json"
-    for text, message in ((b"", "is not readable JSON"), (b'{"r": 1', "is not readable JSON"),
-                          (b"[1, 2]", "holds a JSON list, not an object"), (b"\xff\xfe", "is not readable JSON")):
+    for text, message in ((b"", "is not valid JSON"), (b'{"r": 1', "is not valid JSON"),
+                          (b"[1, 2]", "holds a JSON list, not an object"), (b"\xff\xfe", "is not valid JSON")):
         config.write_bytes(text)
         with pytest.raises(TaskFileError, match=message):
             session.load_task("bad", weights)

@@ -8,11 +8,13 @@ adapt the same layers and train the same heads share a graph whatever their ``ta
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
+
+from vera_runtime._jsonio import read_adapter_config
 
 from ._errors import VeraExportError
 
@@ -30,17 +32,17 @@ class Adapter:
     config: dict
     tensors: dict[str, np.ndarray]
 
-    @property
+    @functools.cached_property
     def lambda_keys(self) -> set[str]:
         return {key for key in self.tensors if ".vera_lambda_" in key}
 
-    @property
+    @functools.cached_property
     def head_keys(self) -> set[str]:
         """Keys of modules PEFT saved whole (modules_to_save): classifier heads and the like."""
         modules = set(self.config.get("modules_to_save") or ())
         return {key for key in self.tensors if key not in self.lambda_keys and _in_modules(key, modules)}
 
-    @property
+    @functools.cached_property
     def bias_keys(self) -> set[str]:
         """Biases trained with bias='all' or 'vera_only': neither λ, nor A/B, nor a saved head."""
         return set(self.tensors) - self.lambda_keys - self.head_keys - set(PROJECTIONS)
@@ -55,12 +57,9 @@ def _in_modules(key: str, modules: set[str]) -> bool:
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VeraExportError(f"{path / CONFIG} is not valid JSON ({exc}): re-save the adapter with PEFT.") from None
-    if not isinstance(config, dict):
-        raise VeraExportError(f"{path / CONFIG} holds a JSON {type(config).__name__}, not an object: re-save it.")
-    return config
+        return read_adapter_config(path / CONFIG)
+    except ValueError as exc:
+        raise VeraExportError(str(exc)) from None
 
 
 def read_adapter(name: str, path: str | os.PathLike) -> Adapter:

@@ -6,6 +6,7 @@ Shared by ``vera-run`` (JSON files) and ``vera-serve`` (request bodies).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +24,18 @@ def parse_json(text: str | bytes, source: str):
         return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FeedError(f"{source} is not valid JSON: {exc}") from None
+
+
+def read_adapter_config(path: Path) -> dict:
+    """PEFT's adapter_config.json as a dict; ValueError naming the file and what to do otherwise.
+    (The exporter and the runtime raise their own error types with this message.)"""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): re-save the adapter with PEFT.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: re-save it.")
+    return config
 
 
 def json_array(source: str, name: str, value, info: InputInfo | None) -> np.ndarray:

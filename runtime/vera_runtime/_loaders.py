@@ -4,12 +4,12 @@ raises TaskFileError naming the file and the tensor."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ._contract import Contract, fingerprint
+from ._jsonio import read_adapter_config
 from ._taskfile import (
     ADAPTER_SUFFIX,
     Task,
@@ -67,12 +67,9 @@ def _peft_config(config_path: Path, path: Path) -> dict:
             " seed it was trained with. Keep PEFT's adapter_config.json next to it."
         )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskFileError(f"{config_path} is not readable JSON ({exc}): re-save the adapter with PEFT.") from None
-    if not isinstance(config, dict):
-        raise TaskFileError(f"{config_path} holds a JSON {type(config).__name__}, not an object: re-save it.")
-    return config
+        return read_adapter_config(config_path)
+    except ValueError as exc:
+        raise TaskFileError(str(exc)) from None
 
 
 def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> Task:
