@@ -179,35 +179,3 @@ def test_a_bad_graph_fails_before_ray_starts(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vera_runtime.serve", str(tmp_path / "none.onnx")],
                             capture_output=True, text=True, timeout=120, env={**os.environ})
     assert result.returncode == 1 and "none.onnx does not exist" in result.stderr
-
-
-def test_two_nodes_of_a_ray_cluster_both_answer(encoder, tmp_path):
-    """A two-node Ray cluster on this machine (Ray's cluster utilities, over 127.0.0.1), two replicas of
-    one CPU each, so one per node; concurrent clients are answered by both."""
-    root = Path(__file__).resolve().parents[1]
-    cluster = subprocess.Popen([sys.executable, str(root / "bench" / "ray_cluster.py"), "--nodes", "2"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = None
-    try:
-        address = next(line.split()[1] for line in cluster.stdout if line.startswith("address"))
-        server, port = _serve(tmp_path / "serve.log", encoder.path, "--address", address, "--loopback",
-                              "--replicas", "2", "--replica-cpus", "1", "--max-batch", "1")
-        body = json.dumps({"inputs": {"input_ids": [[1, 2, 3] * 40], "attention_mask": [[1] * 120]}}).encode()
-        nodes: list[str] = []
-
-        def client() -> None:
-            for _ in range(10):
-                nodes.append(_call(port, "POST", "/v1/run", body)[2]["x-vera-node"])
-
-        threads = [threading.Thread(target=client) for _ in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
-        assert len(nodes) == 160 and len(set(nodes)) == 2, {node: nodes.count(node) for node in set(nodes)}
-    finally:
-        if server is not None:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=120)
-        cluster.stdin.close()
-        cluster.wait(timeout=120)
