@@ -22,6 +22,8 @@ _WHERE = {
     "VeraLinear": "_layer",
     "add_peft_task": "_peft",
     "add_task": "_export",
+    "ConvertResult": "_convert",
+    "convert": "_convert",
     "apply_vera": "_layer",
     "export": "_export",
     "export_peft": "_peft",
@@ -31,8 +33,8 @@ _WHERE = {
 }
 
 __all__ = [
-    "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError", "Verification",
-    "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera", "export",
+    "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError", "Verification",
+    "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera", "convert", "export",
     "export_peft", "load_model", "read_contract", "save_checkpoint",
 ]
 
@@ -51,6 +53,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._checkpoint import LoadedModel, load_model, save_checkpoint
+    from ._convert import ConvertResult, convert
     from ._errors import UntrustedFileError, VeraExportError
     from ._export import ExportResult, add_task, export
     from ._graphfile import read_contract

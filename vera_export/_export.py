@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -34,7 +33,7 @@ from ._inputs import InputSpec, parse_specs
 from ._limits import dim_limits, input_highs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
-from ._staging import Staging, check_writable, pause_for_tests, task_file_paths, unstaged
+from ._staging import Staging, check_writable, pause_for_tests, task_file_paths, writing
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
@@ -110,6 +109,7 @@ def _build_graph(model, adapted, specs, examples, output_names, opset, contract,
     _passes.fold_constants(graph)
     _passes.strip_trace_metadata(graph)
     _passes.name_projections(graph, adapted.vera_a.detach().cpu().numpy(), adapted.vera_b.detach().cpu().numpy())
+    _passes.store_weights_as_consumed(graph)
     _passes.strip_prefix(graph, "model.")
     if merged:
         _passes.inline_task(graph, task.tensors)
@@ -194,24 +194,6 @@ def _stage_task(task: Task, graph: Path, stage: Staging) -> tuple[Path, Path]:
     return paths
 
 
-@contextlib.contextmanager
-def _writing(out: Path, stage: Staging | None, replaces_set: bool) -> Iterator[Staging]:
-    """The caller's staging, or one of our own that publishes when the block succeeds; OS errors
-    become one message naming the path that failed."""
-    try:
-        if stage is not None:
-            yield stage
-            return
-        with Staging(out, replaces_set) as own:
-            yield own
-            own.publish()
-    except OSError as exc:
-        failed = out.parent / unstaged(exc.filename) if exc.filename else out
-        raise VeraExportError(
-            f"cannot write {failed}: {exc.strerror or exc}; free space or choose another --out."
-        ) from None
-
-
 def export(
     model: nn.Module,
     out: str | os.PathLike,
@@ -260,7 +242,7 @@ def export(
         progress("Verifying ONNX Runtime against PyTorch ...")
         return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 
-    with _writing(out, staging, replaces_set=True) as stage:
+    with writing(out, staging, replaces_set=True) as stage:
         verification = _stage_all(graphs, task, stage, check if verify else None)
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)
 
@@ -284,7 +266,7 @@ def add_task(
             " --task-name, or replace it with --overwrite."
         )
     digest = base_digest(model) if contract.base_digest else None  # graphs exported before digests have none
-    with _writing(graph, None, replaces_set=False) as stage:
+    with writing(graph, None, replaces_set=False) as stage:
         return stage_task(model, graph, contract, stage, name, digest)
 
 

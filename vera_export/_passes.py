@@ -15,6 +15,7 @@ from vera_runtime import Contract
 
 from ._errors import VeraExportError
 
+_PROJECTIONS = ("vera_A", "vera_B")
 _FOLDABLE_WEIGHT_BYTES = 128  # larger initializers are never folded into new copies
 
 
@@ -34,6 +35,41 @@ def fold_constants(model: ir.Model) -> None:
         return None
 
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def store_weights_as_consumed(model: ir.Model) -> None:
+    """Store each weight that only a ``Transpose`` reads already transposed, and drop the Transpose.
+
+    torch exports ``nn.Linear`` as ``MatMul(x, Transpose(W))``; quantizers and fp16 converters look
+    for MatMul weights that are initializers and skip these. A weight with several readers (tied
+    embeddings) keeps its one stored copy and its layout, and so do ``vera_A`` and ``vera_B``, whose
+    layout the contract fixes (run after ``name_projections``).
+    """
+    readers: dict[str, int] = {}
+    for node in model.graph:
+        for value in node.inputs:
+            if value is not None and value.name:
+                readers[value.name] = readers.get(value.name, 0) + 1
+    graph_inputs = {value.name for value in model.graph.inputs}
+    for node in list(model.graph):
+        weight = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" else None
+        if weight is None or not _owned_weight(weight, readers, graph_inputs) or node.outputs[0].is_graph_output():
+            continue
+        array = weight.const_value.numpy()
+        perm_attr = node.attributes.get("perm")
+        perm = list(perm_attr.as_ints()) if perm_attr is not None else list(reversed(range(array.ndim)))
+        weight.const_value = ir.tensor(np.ascontiguousarray(np.transpose(array, perm)), name=weight.name)
+        weight.shape = ir.Shape(weight.const_value.shape)
+        ir.convenience.replace_all_uses_with(node.outputs[0], weight)
+        model.graph.remove(node, safe=True)
+
+
+def _owned_weight(value: ir.Value, readers: dict[str, int], graph_inputs: set[str]) -> bool:
+    """A stored weight, read by one node only, that the contract lets us re-lay out."""
+    return (
+        value.is_initializer() and value.const_value is not None and readers.get(value.name) == 1
+        and value.name not in graph_inputs and value.name not in _PROJECTIONS
+    )
 
 
 def strip_trace_metadata(model: ir.Model) -> None:

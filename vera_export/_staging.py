@@ -8,6 +8,7 @@ export killed earlier (SIGKILL) are removed by the next one into the folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
@@ -143,3 +145,21 @@ def check_writable(out: Path) -> None:
             pass
     except OSError as exc:
         raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
+
+
+@contextlib.contextmanager
+def writing(out: Path, stage: Staging | None, replaces_set: bool) -> Iterator[Staging]:
+    """The caller's staging, or one of our own that publishes when the block succeeds; OS errors
+    become one message naming the path that failed."""
+    try:
+        if stage is not None:
+            yield stage
+            return
+        with Staging(out, replaces_set) as own:
+            yield own
+            own.publish()
+    except OSError as exc:
+        failed = out.parent / unstaged(exc.filename) if exc.filename else out
+        raise VeraExportError(
+            f"cannot write {failed}: {exc.strerror or exc}; free space or choose another --out."
+        ) from None

@@ -71,6 +71,7 @@ def main() -> None:
     \b
       vera-export MODEL.pt --out m.onnx     export (same as `vera-export export ...`)
       vera-export task OTHER.pt -g m.onnx  add OTHER's λ as another task of m.onnx
+      vera-export convert m.onnx --to int8 --out m.int8.onnx   int8, fp16, web or ort form
       vera-export inspect m.onnx            show a graph's contract and its task files
     """
 
@@ -210,6 +211,28 @@ def task_command(model_path, graph, task_name, trust_pickle, base, model_class, 
         paths = add_task(loaded.model, graph, task_name or loaded.task_name, overwrite=overwrite)
     for path in paths:
         click.echo(f"Wrote {path}")
+
+
+@main.command("convert")
+@click.argument("graph_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False))
+@click.option("--to", "targets", required=True, multiple=True, metavar="TARGET",
+              help="int8 (quantized base weights), fp16, web (for onnxruntime-node/-web) or ort (mobile"
+                   " format); combine with commas or repeat, e.g. --to int8,web.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The graph to write (.ort for --to ort); the task files are copied beside it.")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True),
+              help="Largest difference from the float32 graph accepted, relative to the outputs' largest"
+                   " magnitude (default: web 1e-5, ort 1e-4, fp16 2e-2, int8 0.25).")
+@_errors_as_messages
+def convert_command(graph_path, targets, out, tolerance) -> None:
+    """Write GRAPH in the form another ONNX Runtime target needs, checked task by task against it."""
+    from ._convert import convert
+
+    result = convert(graph_path, out, targets, tolerance=tolerance, progress=_progress(time.perf_counter()))
+    for agreement in result.agreements:
+        click.echo(f"  {agreement.task}: max |diff| {agreement.max_abs_diff:.2e} (outputs up to"
+                   f" {agreement.scale:.3g}), argmax agrees on {agreement.argmax_agreement:.1%}", err=True)
+    click.echo(f"Wrote {result.path} ({'+'.join(result.targets)}) and {len(result.task_files)} task files")
 
 
 @main.command("inspect")

@@ -27,6 +27,9 @@ KEY_HEADS = _PREFIX + "heads"
 KEY_BASE_DIGEST = _PREFIX + "base_digest"
 KEY_INPUT_HIGHS = _PREFIX + "input_highs"
 KEY_DIM_LIMITS = _PREFIX + "dim_limits"
+KEY_TASK_DEFAULTS = _PREFIX + "task_defaults"
+KEY_WEIGHTS = _PREFIX + "weights"
+WEIGHT_TYPES = ("float32", "int8", "float16")
 
 LAMBDA_D = "vera_lambda_d"
 LAMBDA_B = "vera_lambda_b"
@@ -84,6 +87,8 @@ class Contract:
     base_digest: str | None = None  # SHA-256 of the base weights; absent in graphs older than it
     input_highs: dict[str, int] = dataclasses.field(default_factory=dict)  # token ids lie in [0, high)
     dim_limits: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. sequence <= learned positions
+    task_defaults: bool = True  # task inputs have default initializers (False: the web form, all required)
+    weights: str = "float32"  # how the base weights are stored: float32, int8 (quantized) or float16
     version: str = CONTRACT_VERSION
 
     def task_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -102,7 +107,9 @@ class Contract:
         digest = {KEY_BASE_DIGEST: self.base_digest} if self.base_digest else {}
         limits = {key: json.dumps(value, separators=(",", ":")) for key, value in
                   ((KEY_INPUT_HIGHS, self.input_highs), (KEY_DIM_LIMITS, self.dim_limits)) if value}
-        return (heads if self.heads else {}) | digest | limits | {
+        form = ({} if self.task_defaults else {KEY_TASK_DEFAULTS: "none"}) | (
+            {} if self.weights == "float32" else {KEY_WEIGHTS: self.weights})
+        return (heads if self.heads else {}) | digest | limits | form | {
             KEY_VERSION: self.version,
             KEY_R: str(self.r),
             KEY_SEED: "" if self.seed is None else str(self.seed),
@@ -140,9 +147,19 @@ class Contract:
                 base_digest=metadata.get(KEY_BASE_DIGEST) or None,
                 input_highs=_int_map(metadata.get(KEY_INPUT_HIGHS)),
                 dim_limits=_int_map(metadata.get(KEY_DIM_LIMITS)),
+                task_defaults=_choice(metadata, KEY_TASK_DEFAULTS, ("graph", "none")) == "graph",
+                weights=_choice(metadata, KEY_WEIGHTS, WEIGHT_TYPES),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source} has malformed vera metadata ({exc!r}): re-export it.") from exc
+
+
+def _choice(metadata: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
+    """``metadata[key]``, one of ``allowed``; absent means the first."""
+    value = metadata.get(key) or allowed[0]
+    if value not in allowed:
+        raise ValueError(f"{key} is {value!r:.40}, not one of {allowed}")
+    return value
 
 
 def _int_map(text: str | None) -> dict[str, int]:

@@ -101,7 +101,9 @@ class VeraSession:
         metadata = self._session.get_modelmeta().custom_metadata_map
         self.contract = Contract.from_metadata(metadata, str(self.model_path))
         self._task_inputs = set(self.contract.task_shapes())
-        self._inputs = {i.name: InputInfo.from_ort(i) for i in self._session.get_inputs()}
+        self._inputs = {  # task inputs are listed here too in graphs without task defaults (the web form)
+            i.name: InputInfo.from_ort(i) for i in self._session.get_inputs() if i.name not in self._task_inputs
+        }
         self.output_names = [o.name for o in self._session.get_outputs()]
         self._tasks: dict[str, _LoadedTask] = {}
         self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
@@ -224,9 +226,14 @@ class VeraSession:
                 task = tasks[0]
             else:
                 return self._row_lambdas(tasks)
-        if task is None:
+        if task is None and self.contract.task_defaults:
             return {}
-        loaded = self._get(task)
+        if task is None and self.default_task not in self._tasks:
+            raise FeedError(
+                f"{self.model_path.name} holds no task values (a graph converted --to web): load its task files"
+                f" first, e.g. load_tasks_beside(), or pass task=NAME; its default task is '{self.default_task}'."
+            )
+        loaded = self._get(task or self.default_task)
         return loaded.on_device if loaded.on_device is not None else loaded.feeds
 
     # -- hot tasks -----------------------------------------------------------------------

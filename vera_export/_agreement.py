@@ -1,0 +1,76 @@
+"""How closely a converted graph follows the float32 graph it came from, task by task (torch-free)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from vera_runtime import Contract, VeraSession
+from vera_runtime._feeds import InputInfo
+
+MIXED_ROWS = "a task per row"
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """One task on generated inputs: the largest |converted - float32| over all outputs, the outputs'
+    scale, and the share of positions whose argmax (first output, last axis) is unchanged."""
+
+    task: str
+    max_abs_diff: float
+    scale: float
+    argmax_agreement: float
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs_diff / max(self.scale, 1e-6)
+
+
+def generated_feeds(
+    inputs: dict[str, InputInfo], contract: Contract, batch: int, sequence: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs the graph accepts: token ids within the vocabulary, masks of ones, other ints zero,
+    floats normal; ``batch`` rows, other symbolic dimensions ``sequence`` (within the position table)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, info in inputs.items():
+        shape = tuple(
+            dim if isinstance(dim, int) else batch if dim == "batch"
+            else min(sequence, contract.dim_limits.get(str(dim), sequence))
+            for dim in info.shape
+        )
+        if info.dtype.kind == "f":
+            feeds[name] = rng.standard_normal(shape).astype(info.dtype)
+        elif name in contract.input_highs:
+            feeds[name] = rng.integers(0, contract.input_highs[name], shape).astype(info.dtype)
+        else:
+            feeds[name] = (np.ones if "mask" in name else np.zeros)(shape, dtype=info.dtype)
+    return feeds
+
+
+def _agreement(task: str, new: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Agreement:
+    diff = max(float(np.abs(new[k].astype(np.float64) - ref[k]).max(initial=0.0)) for k in ref)
+    scale = max(float(np.abs(ref[k]).max(initial=0.0)) for k in ref)
+    first = next(iter(ref))
+    same = np.argmax(new[first], axis=-1) == np.argmax(ref[first], axis=-1) if ref[first].ndim else np.array(True)
+    return Agreement(task, diff, scale, float(np.mean(same)))
+
+
+def compare_forms(reference: Path, converted: Path, *, batch: int = 4, sequence: int = 16) -> tuple[Agreement, ...]:
+    """Run both graphs with every task beside them (the default task when there are none), and with a
+    task per row when there are several, on the same generated inputs."""
+    ref, new = VeraSession(reference, "cpu"), VeraSession(converted, "cpu")
+    ref.load_tasks_beside()
+    new.load_tasks_beside()
+    feeds = generated_feeds(ref.inputs, ref.contract, batch, sequence)
+    tasks = sorted(ref.tasks)
+    results = [
+        _agreement(task or ref.default_task, new.run(feeds, task=task), ref.run(feeds, task=task))
+        for task in tasks or [None]
+    ]
+    if len(tasks) >= 2:
+        rows = [tasks[i % len(tasks)] for i in range(batch)]
+        results.append(_agreement(MIXED_ROWS, new.run(feeds, tasks=rows), ref.run(feeds, tasks=rows)))
+    return tuple(results)

@@ -1,0 +1,169 @@
+"""``convert``: an exported graph in the form another ONNX Runtime target needs, with its task files.
+
+The converted graph keeps the contract (same fingerprint, same task inputs), records its form in the
+metadata, gets a copy of every task file of the source under its own stem, and is checked against
+the float32 graph, task by task, before anything is put in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
+from vera_runtime._taskfile import task_files_beside
+
+from ._agreement import Agreement, compare_forms
+from ._errors import VeraExportError
+from ._graphfile import load_graph
+from ._staging import check_writable, pause_for_tests, writing
+
+TARGETS = ("int8", "fp16", "web", "ort")
+# Largest |converted - float32| accepted, relative to the outputs' scale: web and ort run the same
+# arithmetic; fp16 rounds every weight to 11 bits; int8 to 8 bits per weight, with activations too.
+DEFAULT_TOLERANCES = {"web": 1e-5, "ort": 1e-4, "fp16": 2e-2, "int8": 0.25}
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    targets: tuple[str, ...]
+    contract: Contract
+    task_files: tuple[Path, ...]
+    agreements: tuple[Agreement, ...]
+    tolerance: float
+
+
+def parse_targets(to: str | Sequence[str]) -> tuple[str, ...]:
+    """``"int8,web"`` or ``["int8", "web"]`` -> the targets, in the order they are applied."""
+    names = [n.strip() for item in ([to] if isinstance(to, str) else to) for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise VeraExportError(f"unknown target {unknown or names!r}: choose from {', '.join(TARGETS)} (e.g. int8,web).")
+    if {"int8", "fp16"} <= set(names):
+        raise VeraExportError("int8 and fp16 are two ways to store the weights: choose one.")
+    return tuple(t for t in TARGETS if t in names)
+
+
+def _check_out(graph: Path, out: Path, targets: tuple[str, ...]) -> None:
+    want = ".ort" if "ort" in targets else ".onnx"
+    if out.suffix != want:
+        raise VeraExportError(f"--out {out}: name the {'/'.join(targets)} graph *{want}, e.g. {out.with_suffix(want)}.")
+    if out.resolve().parent == graph.resolve().parent and out.with_suffix("").name == graph.with_suffix("").name:
+        raise VeraExportError(
+            f"--out {out} has the stem of {graph} (their task files would share names): choose another, e.g."
+            f" {graph.with_suffix('').name}.{targets[0]}{want}."
+        )
+    check_writable(out)
+
+
+def _transform(graph: Path, targets: tuple[str, ...]):
+    import onnx
+
+    from ._targets.fp16 import to_fp16
+    from ._targets.int8 import to_int8
+    from ._targets.web import to_web
+
+    _, contract = load_graph(graph)
+    if contract.weights != "float32" or not contract.task_defaults:
+        raise VeraExportError(
+            f"{graph} is a converted graph ({contract.weights} weights, task defaults"
+            f" {'kept' if contract.task_defaults else 'removed'}): convert the graph vera-export wrote instead."
+        )
+    proto = onnx.load(str(graph))
+    steps = {"int8": to_int8, "fp16": to_fp16, "web": to_web}
+    for target in targets:
+        if target in steps:
+            proto = steps[target](proto, contract)
+    weights = {"int8": "int8", "fp16": "float16"}
+    contract = dataclasses.replace(
+        contract, task_defaults="web" not in targets,
+        weights=next((weights[t] for t in targets if t in weights), "float32"),
+    )
+    metadata = {p.key: p.value for p in proto.metadata_props if not p.key.startswith("vera.")} | contract.to_metadata()
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    return proto, contract
+
+
+def _write(proto, path: Path, ort_out: Path | None) -> None:
+    """Save ``proto`` at ``path`` (external data beside it when large), check it, then convert to .ort."""
+    import onnx
+
+    big = proto.ByteSize() > _EXTERNAL_DATA_BYTES
+    onnx.save(proto, str(path), save_as_external_data=big, location=f"{path.name}.data" if big else None)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VeraExportError(f"the converted graph fails onnx.checker: {str(exc).splitlines()[0]}; please report it.")
+    if ort_out is not None:
+        from ._targets.ort import save_as_ort
+
+        save_as_ort(path, ort_out)
+        for written in (path, Path(f"{path}.data")):
+            written.unlink(missing_ok=True)
+
+
+def _copy_task_files(graph: Path, out: Path, folder: Path) -> list[Path]:
+    """The source graph's task files, renamed for ``out``'s stem, into ``folder``; their final paths."""
+    stem = out.with_suffix("").name
+    finals = []
+    for suffix in (TASK_SUFFIX, ADAPTER_SUFFIX):
+        for task, path in task_files_beside(graph, suffix).items():
+            final = out.with_name(f"{stem}.{task}{suffix}")
+            shutil.copyfile(path, folder / final.name)
+            finals.append(final)
+    return finals
+
+
+def convert(
+    graph: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str | Sequence[str],
+    *,
+    tolerance: float | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> ConvertResult:
+    """Write ``graph`` (as vera-export wrote it) in the form of targets ``to`` (int8 or fp16, web,
+    ort) at ``out``, with a copy of its task files, after checking every task against ``graph``.
+
+    ``tolerance``: the largest |converted - float32| accepted, relative to the outputs' scale (default:
+    the loosest of the targets' ``DEFAULT_TOLERANCES``). Nothing is written when a task exceeds it.
+    """
+    graph, out, targets = Path(graph), Path(out), parse_targets(to)
+    _check_out(graph, out, targets)
+    if "web" in targets and not task_files_beside(graph):
+        raise VeraExportError(
+            f"no task files beside {graph}: a web graph holds no task values, so it needs them; write them with"
+            " `vera-export task` or export again."
+        )
+    tolerance = tolerance or max(DEFAULT_TOLERANCES[t] for t in targets)
+    progress(f"Converting {graph.name} to {'+'.join(targets)} ...")
+    proto, contract = _transform(graph, targets)
+    with writing(out, None, replaces_set=True) as stage:
+        scratch = stage.scratch()
+        onnx_path = scratch / (out.with_suffix(".onnx").name if "ort" in targets else out.name)
+        _write(proto, onnx_path, scratch / out.name if "ort" in targets else None)
+        del proto
+        finals = _copy_task_files(graph, out, scratch)
+        progress("Comparing every task with the float32 graph ...")
+        agreements = compare_forms(graph, scratch / out.name)
+        _require_agreement(agreements, tolerance, targets)
+        pause_for_tests("verify")
+        for written in sorted(scratch.iterdir()):
+            os.replace(written, stage.path(out.parent / written.name))
+    return ConvertResult(out, targets, contract, tuple(finals), agreements, tolerance)
+
+
+def _require_agreement(agreements: tuple[Agreement, ...], tolerance: float, targets: tuple[str, ...]) -> None:
+    worst = max(agreements, key=lambda a: a.relative)
+    if worst.relative > tolerance:
+        raise VeraExportError(
+            f"the {'+'.join(targets)} graph differs from the float32 graph on task '{worst.task}': max |diff|"
+            f" {worst.max_abs_diff:.3g} for outputs of scale {worst.scale:.3g} (relative {worst.relative:.3g} >"
+            f" tolerance {tolerance:g}); nothing was written. Raise --tolerance if that is acceptable."
+        )

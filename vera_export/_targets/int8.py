@@ -1,0 +1,73 @@
+"""``int8``: ONNX Runtime's dynamic quantization of the base weights only.
+
+Quantized per channel: every MatMul, Gemm and Gather (embedding table) whose weight is a base initializer. Kept in
+float32: ``vera_A`` and ``vera_B`` (quantizing them flips labels: they carry every task's signal), the
+task inputs (λ, heads) and activations, so the same task files work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import helper, numpy_helper
+
+from vera_runtime import Contract
+
+from . import base_weights
+
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
+
+
+def to_int8(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _gemms_as_matmuls(proto, contract)
+    weights = base_weights(proto, contract)
+    for index, node in enumerate(proto.graph.node):
+        node.name = node.name or f"vera_node_{index}"
+    chosen = [
+        node.name for node in proto.graph.node
+        if node.op_type in _WEIGHT_INPUT and node.domain in ("", "ai.onnx")
+        and (weight := weights.get(node.input[_WEIGHT_INPUT[node.op_type]])) is not None and len(weight.dims) == 2
+    ]
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > 1 << 30
+    with tempfile.TemporaryDirectory() as folder, _quiet_root_logger():  # it logs a pre-processing hint
+        out = Path(folder) / "int8.onnx"
+        quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(_WEIGHT_INPUT),
+                         nodes_to_quantize=chosen, use_external_data_format=big)
+        return onnx.load(str(out))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _gemms_as_matmuls(proto: onnx.ModelProto, contract: Contract) -> None:
+    """ORT's dynamic quantizer skips Gemm: rewrite ``Gemm(x, W, b)`` with a base weight as MatMul + Add."""
+    weights = base_weights(proto, contract)
+    nodes = []
+    for node in proto.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = weights.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if weight is None or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        if attrs.get("transB", 0):
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))
+        product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
+        nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=f"{node.name}_matmul"))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_add"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
