@@ -33,9 +33,9 @@ _WHERE = {
 }
 
 __all__ = [
-    "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError", "Verification",
-    "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera", "convert", "export",
-    "export_peft", "load_model", "read_contract", "save_checkpoint",
+    "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError",
+    "Verification", "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera",
+    "convert", "export", "export_peft", "load_model", "read_contract", "save_checkpoint",
 ]
 
 

@@ -99,7 +99,8 @@ def _write(proto, path: Path, ort_out: Path | None) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise VeraExportError(f"the converted graph fails onnx.checker: {str(exc).splitlines()[0]}; please report it.")
+        first = str(exc).splitlines()[0]
+        raise VeraExportError(f"the converted graph fails onnx.checker: {first}; please report it.") from None
     if ort_out is not None:
         from ._targets.ort import save_as_ort
 

@@ -37,8 +37,8 @@ def to_int8(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     big = sum(t.ByteSize() for t in proto.graph.initializer) > 1 << 30
     with tempfile.TemporaryDirectory() as folder, _quiet_root_logger():  # it logs a pre-processing hint
         out = Path(folder) / "int8.onnx"
-        quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(_WEIGHT_INPUT),
-                         nodes_to_quantize=chosen, use_external_data_format=big)
+        quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=chosen,
+                         op_types_to_quantize=list(_WEIGHT_INPUT), use_external_data_format=big)
         return onnx.load(str(out))
 
 
