@@ -87,3 +87,15 @@ def gpt2(tmp_path_factory) -> Exported:
 def exported(request) -> Exported:
     """Every exported model: ours (encoder, decoder) and PEFT's (BERT Linear, GPT-2 Conv1D)."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory):
+    """The Quick start's graph: real MiniLM weights, the two shipped adapters (test_minilm, test_js)."""
+    from vera_export import export_peft
+    from vera_models import minilm
+
+    out = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
+    tasks = {name: minilm.HERE / name for name in minilm.TASKS}
+    return export_peft(tasks, out, base=minilm.base_path()), minilm
+

@@ -13,16 +13,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    from vera_export import export_peft
-    from vera_models import minilm
-
-    out = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
-    tasks = {name: minilm.HERE / name for name in minilm.TASKS}
-    return export_peft(tasks, out, base=minilm.base_path()), minilm
-
-
 def _feeds(minilm, texts):
     encoded = minilm._tokenizer()(texts, padding=True, return_tensors="np")
     return {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
