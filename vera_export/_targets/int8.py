@@ -7,6 +7,7 @@ task inputs (λ, heads) and activations, so the same task files work unchanged.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import tempfile
@@ -53,18 +54,30 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+def _plain_gemm_weight(node, weights, readers) -> onnx.TensorProto | None:
+    """The weight of ``Gemm(x, W[, b])`` (no transA, alpha = beta = 1) when W is a base weight read once."""
+    if node.op_type != "Gemm" or node.input[1] not in weights or readers[node.input[1]] > 1:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    plain = not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+    return weights[node.input[1]] if plain else None
+
+
 def _gemms_as_matmuls(proto: onnx.ModelProto, contract: Contract) -> None:
     """ORT's dynamic quantizer skips Gemm: rewrite ``Gemm(x, W, b)`` with a base weight as MatMul + Add."""
     weights = base_weights(proto, contract)
+    readers = collections.Counter(name for node in proto.graph.node for name in node.input)
     nodes = []
     for node in proto.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = weights.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
-        if weight is None or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        weight = _plain_gemm_weight(node, weights, readers)
+        if weight is None:
             nodes.append(node)
             continue
-        if attrs.get("transB", 0):
+        if any(a.name == "transB" and a.i for a in node.attribute):
             weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))
+            stale = [v for v in proto.graph.value_info if v.name == weight.name]  # its old shape
+            for info in stale:
+                proto.graph.value_info.remove(info)
         product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
         nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=f"{node.name}_matmul"))
         if product != node.output[0]:
