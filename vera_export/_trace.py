@@ -83,13 +83,16 @@ class _Tracer(nn.Module):
         self.output_names = output_names
         self.lambdas: tuple[torch.Tensor, ...] = ()
         self.merged = False  # True: trace the hot template, W + ΔW(λ) for one task (T = 1)
+        self.shared_input: set[int] = set()  # layers whose input another adapted layer reads too
+        self._projections: list[tuple] = []  # (x, in, A x, merge decision) of this run
 
     def run(self, inputs: tuple[torch.Tensor, ...], lambdas: tuple[torch.Tensor, ...]):
         self.lambdas = lambdas
+        self._projections = []
         try:
             outputs = flatten_outputs(self.model(**dict(zip(self.input_names, inputs, strict=True))))
         finally:
-            self.lambdas = ()
+            self.lambdas, self._projections = (), []
         return tuple(outputs[name] for name in self.output_names)
 
     def vera_forward(self, index: int, layer: AdaptedLayer):
@@ -97,14 +100,52 @@ class _Tracer(nn.Module):
             lambda_d, lambda_b = self.lambdas[2 * index], self.lambdas[2 * index + 1]
             vera_a = self.vera_A[:, : layer.in_features]
             vera_b = self.vera_B[: layer.out_features, :]
-            if self.merged:  # once λ are constants, ONNX Runtime folds all of this into one weight
+            weight = layer.base.weight if isinstance(layer.base, nn.Linear) else layer.base.weight.T
+
+            def merged(x, lambda_d, lambda_b, *_):  # one task: W + ΔW(λ), then one matmul
                 delta = (lambda_b[0][:, None] * vera_b) @ (lambda_d[0][:, None] * vera_a)
-                weight = layer.base.weight if isinstance(layer.base, nn.Linear) else layer.base.weight.T
                 return F.linear(x.to(lambda_d.dtype), weight + delta, layer.base.bias)
-            hidden = _per_row(lambda_d, x) * F.linear(x.to(lambda_d.dtype), vera_a)
-            return layer.base(x) + _per_row(lambda_b, x) * F.linear(hidden, vera_b)
+
+            def factored(x, lambda_d, lambda_b, *shared):
+                projected = shared[0] if shared else F.linear(x.to(lambda_d.dtype), vera_a)
+                return layer.base(x) + _per_row(lambda_b, x) * F.linear(_per_row(lambda_d, x) * projected, vera_b)
+
+            if self.merged:  # the hot template: once λ are constants, ONNX Runtime folds ΔW into W
+                return merged(x, lambda_d, lambda_b)
+            if x.dim() < 2:
+                return factored(x, lambda_d, lambda_b)
+            merge = self._merge_now(x, lambda_d, layer, index in self.shared_input)
+            if index not in self.shared_input:
+                return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b))
+            projected, merge = self._projected(x, vera_a.to(lambda_d.dtype), merge)
+            return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, projected))
 
         return forward
+
+    def _projected(self, x: torch.Tensor, vera_a: torch.Tensor, merge):
+        """A x for layers that read the same x (q, k, v), computed once, only when they run factored
+        (zeros of that shape otherwise, which nothing reads), with the one decision they all follow."""
+        for seen, width, projected, decided in self._projections:
+            if seen is x and width == vera_a.shape[1]:
+                return projected, decided
+
+        def skipped(x):
+            return x.new_zeros(*x.shape[:-1], vera_a.shape[0], dtype=vera_a.dtype)
+
+        def computed(x):
+            return F.linear(x.to(vera_a.dtype), vera_a)
+
+        projected = torch.cond(merge, skipped, computed, (x,))
+        self._projections.append((x, vera_a.shape[1], projected, merge))
+        return projected, merge
+
+    @staticmethod
+    def _merge_now(x: torch.Tensor, lambda_d: torch.Tensor, layer: AdaptedLayer, shared: bool):
+        """Whether forming ΔW for this run (r·in·out multiply-adds, once) costs less than the factored
+        path's r·(in + out) per row (r·out with A x shared): one task, and enough rows."""
+        d_in, d_out = layer.in_features, layer.out_features
+        threshold = d_in if shared else -(-d_in * d_out // (d_in + d_out))
+        return (lambda_d.shape[0] == 1) & (x.numel() // x.shape[-1] >= threshold)
 
     def head_forward(self, start: int, head: AdaptedHead):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +224,8 @@ def trace_to_onnx(
     shapes = dynamic_shapes(specs) + [{0: tasks} if tasks else {}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
     tracer.merged = merged
+    if not merged:
+        tracer.shared_input = _layers_sharing_inputs(model, adapted, [s.name for s in specs], examples)
     with _patched(_patches(tracer, adapted)), _quiet(), _as_export_error("torch.export could not trace the model"):
         program = torch.onnx.export(
             tracer.eval(),
@@ -198,6 +241,29 @@ def trace_to_onnx(
     if program is None:
         raise VeraExportError("torch.onnx.export returned no program.")
     return program.model
+
+
+def _layers_sharing_inputs(
+    model: nn.Module, adapted: AdaptedModel, names: list[str], examples: list[torch.Tensor]
+) -> set[int]:
+    """Indices of adapted layers that read the very tensor another adapted layer reads (q, k, v)."""
+    readers: dict[int, list[int]] = {}
+    alive: list[torch.Tensor] = []  # held, so that no two inputs share an id() during the run
+
+    def recorder(index: int):
+        def hook(module, args):
+            alive.append(args[0])
+            readers.setdefault(id(args[0]), []).append(index)
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(adapted.layers)]
+    try:
+        with torch.no_grad():
+            model(**dict(zip(names, examples, strict=True)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {index for group in readers.values() if len(group) > 1 for index in group}
 
 
 @contextlib.contextmanager
