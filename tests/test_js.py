@@ -90,10 +90,14 @@ def fixtures(tmp_path_factory, minilm) -> Path:
     convert(result.export.onnx_path, folder / "minilm" / "minilm.int8.onnx", "int8,web")
     encoded = module._tokenizer()(module.EXAMPLES, padding=True, return_tensors="np")
     sentences = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+    long = module._tokenizer()(["The concert was wonderful and I would go again any time. " * 12] * 4, truncation=True,
+                                padding="max_length", max_length=128, return_tensors="np")
+    many_rows = {k: long[k].astype(np.int64) for k in ("input_ids", "attention_mask")}  # 512 rows: ΔW formed
     example = vera_models.example_input(model, batch=4, seq=8)
     cases = [
         _case("tiny-encoder", folder / "encoder.web.onnx", example, folder),
         _case("minilm", folder / "minilm" / "minilm.web.onnx", sentences, folder),
+        _case("minilm-512-rows", folder / "minilm" / "minilm.web.onnx", many_rows, folder),
         # onnxruntime-web's wasm int8 kernels round some quantized activations differently from the
         # native ones (node matches Python to 1e-6; wasm moved one logit by 1.5% of the scale)
         _case("minilm-int8", folder / "minilm" / "minilm.int8.onnx", sentences, folder, web_tolerance=0.05),
@@ -119,7 +123,7 @@ def test_onnxruntime_node_equals_the_python_runtime(fixtures):
     _require(shutil.which("node") is not None and (JS / "node_modules" / "onnxruntime-node").is_dir(),
              "node or runtime/js/node_modules")
     output = _node_test("node.test.mjs", fixtures)
-    assert "# pass 4" in output, output[-2000:]  # three cases and the refusals
+    assert "# pass 5" in output, output[-2000:]  # four cases and the refusals
 
 
 def test_onnxruntime_web_in_headless_chromium_equals_the_python_runtime(fixtures):

@@ -79,6 +79,7 @@ def _transform(graph: Path, targets: tuple[str, ...]):
     for target in targets:
         if target in steps:
             proto = steps[target](proto, contract)
+    proto = _topologically_sorted(proto)  # the fp16 and int8 tools leave nodes out of order
     weights = {"int8": "int8", "fp16": "float16"}
     contract = dataclasses.replace(
         contract, task_defaults="web" not in targets,
@@ -88,6 +89,14 @@ def _transform(graph: Path, targets: tuple[str, ...]):
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
     return proto, contract
+
+
+def _topologically_sorted(proto):
+    import onnx_ir as ir
+
+    model = ir.from_proto(proto)
+    model.graph.sort()
+    return ir.to_proto(model)
 
 
 def _write(proto, path: Path, ort_out: Path | None) -> None:

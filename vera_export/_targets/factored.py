@@ -29,7 +29,10 @@ def factored_only(proto: onnx.ModelProto) -> onnx.ModelProto:
     from .. import _passes
 
     model = ir.from_proto(proto)
-    for node in [n for n in model.graph if _is_vera_branch(n)]:
+    # A x shared by several layers has an If of its own (computed, or zeros when ΔW is formed) on the
+    # same condition as theirs: every If on a condition of the layers' decides with them.
+    conditions = {node.inputs[0] for node in model.graph if _is_vera_branch(node)}
+    for node in [n for n in model.graph if n.op_type == "If" and n.inputs[0] in conditions]:
         false = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(False))})
         model.graph.insert_before(node, false)
         node.replace_input_with(0, false.outputs[0])

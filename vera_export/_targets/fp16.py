@@ -2,15 +2,13 @@
 
 Factored only (see ``factored``), then ONNX Runtime's float16 converter, with the fixes the raw tool
 needs here: the task defaults are taken out first (it would turn them into float16 while their
-inputs stay float32, and the graph would not load) and put back unchanged; the nodes are put back
-in topological order (its output fails onnx.checker). The same float32 task files and
-``.onnx_adapter`` files therefore work.
+inputs stay float32, and the graph would not load) and put back unchanged, so the same float32 task
+files and ``.onnx_adapter`` files work.
 """
 
 from __future__ import annotations
 
 import onnx
-import onnx_ir as ir
 
 from vera_runtime import Contract
 
@@ -23,9 +21,6 @@ def to_fp16(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
 
     proto = factored_only(proto)
     defaults = task_defaults(proto, contract)
-    half = convert_float_to_float16(proto, keep_io_types=True)
-    model = ir.from_proto(half)
-    model.graph.sort()
-    half = ir.to_proto(model)
+    half = convert_float_to_float16(proto, keep_io_types=True)  # out of topological order: _convert sorts
     half.graph.initializer.extend(defaults)
     return half
