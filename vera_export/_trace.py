@@ -100,11 +100,14 @@ class _Tracer(nn.Module):
             lambda_d, lambda_b = self.lambdas[2 * index], self.lambdas[2 * index + 1]
             vera_a = self.vera_A[:, : layer.in_features]
             vera_b = self.vera_B[: layer.out_features, :]
-            weight = layer.base.weight if isinstance(layer.base, nn.Linear) else layer.base.weight.T
 
             def merged(x, lambda_d, lambda_b, *_):  # one task: W + ΔW(λ), then one matmul
                 delta = (lambda_b[0][:, None] * vera_b) @ (lambda_d[0][:, None] * vera_a)
-                return F.linear(x.to(lambda_d.dtype), weight + delta, layer.base.bias)
+                if isinstance(layer.base, nn.Linear):
+                    return F.linear(x.to(lambda_d.dtype), layer.base.weight + delta, layer.base.bias)
+                # Conv1D stores W as [in, out]; no view of W (W.T): torch.cond reads it as aliasing
+                out = x.to(lambda_d.dtype) @ (layer.base.weight + delta.transpose(0, 1))
+                return out if layer.base.bias is None else out + layer.base.bias
 
             def factored(x, lambda_d, lambda_b, *shared):
                 projected = shared[0] if shared else F.linear(x.to(lambda_d.dtype), vera_a)
