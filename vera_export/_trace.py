@@ -53,11 +53,12 @@ def _rows(per_task: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.div(torch.arange(x.shape[0], device=x.device) * tasks, rows, rounding_mode="floor")
 
 
-def _per_row(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A [T, n] lambda, shaped to scale x's last dimension row by row."""
+def _per_row(lam: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """A [T, n] lambda, shaped to scale x's last dimension row by row (``rows``: ``_rows(lam, x)``)."""
     if x.dim() == 1:
         return lam[0]
-    return lam[_rows(lam, x)].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
+    rows = _rows(lam, x) if rows is None else rows
+    return lam[rows].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
 
 
 def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +84,7 @@ class _Tracer(nn.Module):
         self.output_names = output_names
         self.lambdas: tuple[torch.Tensor, ...] = ()
         self.merged = False  # True: trace the hot template, W + ΔW(λ) for one task (T = 1)
+        self.branches = True  # False: factored only, no If (for models torch.cond cannot trace)
         self.shared_input: set[int] = set()  # layers whose input another adapted layer reads too
         self._projections: list[tuple] = []  # (x, in, A x, merge decision) of this run
 
@@ -109,19 +111,21 @@ class _Tracer(nn.Module):
                 out = x.to(lambda_d.dtype) @ (layer.base.weight + delta.transpose(0, 1))
                 return out if layer.base.bias is None else out + layer.base.bias
 
-            def factored(x, lambda_d, lambda_b, *shared):
+            def factored(x, lambda_d, lambda_b, rows=None, *shared):
                 projected = shared[0] if shared else F.linear(x.to(lambda_d.dtype), vera_a)
-                return layer.base(x) + _per_row(lambda_b, x) * F.linear(_per_row(lambda_d, x) * projected, vera_b)
+                scaled = _per_row(lambda_d, x, rows) * projected
+                return layer.base(x) + _per_row(lambda_b, x, rows) * F.linear(scaled, vera_b)
 
             if self.merged:  # the hot template: once λ are constants, ONNX Runtime folds ΔW into W
                 return merged(x, lambda_d, lambda_b)
-            if x.dim() < 2:
+            if x.dim() < 2 or not self.branches:
                 return factored(x, lambda_d, lambda_b)
+            rows = _rows(lambda_d, x)  # outside the branches: layers with as many rows share it
             merge = self._merge_now(x, lambda_d, layer, index in self.shared_input)
             if index not in self.shared_input:
-                return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b))
+                return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, rows))
             projected, merge = self._projected(x, vera_a.to(lambda_d.dtype), merge)
-            return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, projected))
+            return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, rows, projected))
 
         return forward
 
@@ -229,18 +233,20 @@ def trace_to_onnx(
     tracer.merged = merged
     if not merged:
         tracer.shared_input = _layers_sharing_inputs(model, adapted, [s.name for s in specs], examples)
+    arguments = dict(
+        input_names=[s.name for s in specs] + list(task_inputs), output_names=output_names, opset_version=opset,
+        dynamic_shapes=tuple(shapes), dynamo=True, verbose=False, optimize=False,
+    )
     with _patched(_patches(tracer, adapted)), _quiet(), _as_export_error("torch.export could not trace the model"):
-        program = torch.onnx.export(
-            tracer.eval(),
-            tuple(examples + lambdas),
-            input_names=[s.name for s in specs] + list(task_inputs),
-            output_names=output_names,
-            opset_version=opset,
-            dynamic_shapes=tuple(shapes),
-            dynamo=True,
-            verbose=False,
-            optimize=False,
-        )
+        try:
+            program = torch.onnx.export(tracer.eval(), tuple(examples + lambdas), **arguments)
+        except Exception:
+            if merged:
+                raise
+            # torch.cond refuses some symbolic layouts (e.g. Wav2Vec2's conv lengths): such a model is
+            # exported factored only, as every layer was before the in-graph ΔW.
+            tracer.branches = False
+            program = torch.onnx.export(tracer.eval(), tuple(examples + lambdas), **arguments)
     if program is None:
         raise VeraExportError("torch.onnx.export returned no program.")
     return program.model

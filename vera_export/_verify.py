@@ -17,7 +17,7 @@ from ._discover import AdaptedModel
 from ._trace import flatten_outputs
 
 MIXED_BATCH = "mixed batch (a task per row)"
-MANY_ROWS = "one task, many rows (ΔW formed in the graph)"
+MANY_ROWS = "one task, many rows"
 _MAX_TILES = 64  # the many-rows check runs the model on at most 64 copies of the example batch
 
 
