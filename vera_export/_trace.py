@@ -73,6 +73,12 @@ def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight (+ bias), weight [in, out]: an nn.Linear or Conv1D with its weight as MatMul reads it."""
+    out = x @ weight
+    return out if bias is None else out + bias
+
+
 class _Tracer(nn.Module):
     def __init__(self, model: nn.Module, adapted: AdaptedModel, input_names: list[str], output_names: list[str]):
         super().__init__()
@@ -103,29 +109,28 @@ class _Tracer(nn.Module):
             vera_a = self.vera_A[:, : layer.in_features]
             vera_b = self.vera_B[: layer.out_features, :]
 
-            def merged(x, lambda_d, lambda_b, *_):  # one task: W + ΔW(λ), then one matmul
+            def merged(x, lambda_d, lambda_b, weight, *_):  # one task: W + ΔW(λ), then one matmul
                 delta = (lambda_b[0][:, None] * vera_b) @ (lambda_d[0][:, None] * vera_a)
-                if isinstance(layer.base, nn.Linear):
-                    return F.linear(x.to(lambda_d.dtype), layer.base.weight + delta, layer.base.bias)
-                # Conv1D stores W as [in, out]; no view of W (W.T): torch.cond reads it as aliasing
-                out = x.to(lambda_d.dtype) @ (layer.base.weight + delta.transpose(0, 1))
-                return out if layer.base.bias is None else out + layer.base.bias
+                return _affine(x.to(lambda_d.dtype), weight + delta.transpose(0, 1), layer.base.bias)
 
-            def factored(x, lambda_d, lambda_b, rows=None, *shared):
+            def factored(x, lambda_d, lambda_b, weight, rows=None, *shared):
                 projected = shared[0] if shared else F.linear(x.to(lambda_d.dtype), vera_a)
                 scaled = _per_row(lambda_d, x, rows) * projected
-                return layer.base(x) + _per_row(lambda_b, x, rows) * F.linear(scaled, vera_b)
+                return _affine(x, weight, layer.base.bias) + _per_row(lambda_b, x, rows) * F.linear(scaled, vera_b)
 
+            # W as MatMul reads it, [in, out], taken outside the branches: ORT folds the transpose
+            # once there (and the exporter stores it so), where inside a branch it would run per call
+            weight = layer.base.weight.transpose(0, 1) if isinstance(layer.base, nn.Linear) else layer.base.weight
             if self.merged:  # the hot template: once λ are constants, ONNX Runtime folds ΔW into W
-                return merged(x, lambda_d, lambda_b)
+                return merged(x, lambda_d, lambda_b, weight)
             if x.dim() < 2 or not self.branches:
-                return factored(x, lambda_d, lambda_b)
+                return factored(x, lambda_d, lambda_b, weight)
             rows = _rows(lambda_d, x)  # outside the branches: layers with as many rows share it
             merge = self._merge_now(x, lambda_d, layer, index in self.shared_input)
             if index not in self.shared_input:
-                return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, rows))
+                return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, weight, rows))
             projected, merge = self._projected(x, vera_a.to(lambda_d.dtype), merge)
-            return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, rows, projected))
+            return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, weight, rows, projected))
 
         return forward
 
