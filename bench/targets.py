@@ -28,6 +28,7 @@ from run import SEQ, _interleaved, _options  # noqa: E402
 RESULTS = HERE / "results"
 WORK = RESULTS / "work" / "targets"
 FORMS = {"fp32": None, "int8": "int8", "fp16": "fp16", "web": "web"}
+_ROUNDS = 3  # Python, then Node, three times over; medians of the rounds' medians
 
 
 def _convert_all(graph: Path) -> dict[str, Path]:
@@ -124,16 +125,22 @@ def node(case: dict, threads: int, repeats: int) -> dict | None:
     config = web.with_suffix(".bench.json")
     config.write_text(json.dumps({"graph": str(web), "threads": threads, "repeats": repeats, "feeds": feeds,
                                   "tasks": {t: str(p) for t, p in task_files_beside(web).items()}}))
-    python = latency({**case, "graphs": {"web": web}}, threads, repeats)
-    try:
-        done = subprocess.run(["node", str(HERE / "node_latency.mjs"), str(config)], capture_output=True,
-                              text=True, check=True, timeout=1200)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"Node skipped ({exc}): run `npm ci --ignore-scripts --prefix runtime/js`", file=sys.stderr)
-        return None
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"python": {b: python[b]["web"].median for b in (1, 8)},
-            "node": {b: measured["latency"][str(b)] for b in (1, 8)}, "switch": measured["switch"]}
+    python, js, switch = {1: [], 8: []}, {1: [], 8: []}, []
+    for _ in range(_ROUNDS):  # separate processes can't interleave runs: alternate whole rounds instead
+        timings = latency({**case, "graphs": {"web": web}}, threads, repeats)
+        try:
+            done = subprocess.run(["node", str(HERE / "node_latency.mjs"), str(config)], capture_output=True,
+                                  text=True, check=True, timeout=1200)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"Node skipped ({exc}): run `npm ci --ignore-scripts --prefix runtime/js`", file=sys.stderr)
+            return None
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        for batch in (1, 8):
+            python[batch].append(timings[batch]["web"].median)
+            js[batch].append(measured["latency"][str(batch)])
+        switch.append(measured["switch"])
+    return {"python": {b: float(np.median(v)) for b, v in python.items()},
+            "node": {b: float(np.median(v)) for b, v in js.items()}, "switch": float(np.median(switch))}
 
 
 def _row(*cells) -> str:
@@ -182,6 +189,8 @@ def report(cases: list[dict], threads: int, repeats: int, count: int) -> str:
     lines += ["", "Agreement columns give each task in turn (MiniLM: sentiment / topic; decoder: first / second;"
               " the decoder's argmax is the next token at every position).", "",
               "## Node (runtime/js + onnxruntime-node 1.30) vs Python ONNX Runtime, same web graph", "",
+              f"{_ROUNDS} alternating rounds (Python, then Node) of {repeats} runs each; medians of the rounds'"
+              " medians. Task switch: choosing another preloaded task's feeds (`taskFeeds`).", "",
               _row("model", "Python b=1 ms", "Node b=1 ms", "ratio", "Python b=8 ms", "Node b=8 ms", "ratio",
                    "JS task switch µs"),
               _row(*["---"] * 8)]

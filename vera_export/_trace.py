@@ -80,6 +80,10 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class _Tracer(nn.Module):
+    # False: every layer factored, no If (set per tracer for models torch.cond cannot trace; the
+    # benchmark clears it on the class to measure what the If costs and saves)
+    branches = True
+
     def __init__(self, model: nn.Module, adapted: AdaptedModel, input_names: list[str], output_names: list[str]):
         super().__init__()
         self.model = model
@@ -90,7 +94,6 @@ class _Tracer(nn.Module):
         self.output_names = output_names
         self.lambdas: tuple[torch.Tensor, ...] = ()
         self.merged = False  # True: trace the hot template, W + ΔW(λ) for one task (T = 1)
-        self.branches = True  # False: factored only, no If (for models torch.cond cannot trace)
         self.shared_input: set[int] = set()  # layers whose input another adapted layer reads too
         self._projections: list[tuple] = []  # (x, in, A x, merge decision) of this run
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 
 import numpy as np
 import onnx
@@ -25,6 +26,19 @@ def _is_vera_branch(node: ir.Node) -> bool:
                for value in inner.inputs)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The optimizer's deduplication pass logs a warning per task input (it may not merge inputs)."""
+    logger = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def factored_only(proto: onnx.ModelProto) -> onnx.ModelProto:
     from .. import _passes
 
@@ -36,7 +50,7 @@ def factored_only(proto: onnx.ModelProto) -> onnx.ModelProto:
         false = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(False))})
         model.graph.insert_before(node, false)
         node.replace_input_with(0, false.outputs[0])
-    with contextlib.redirect_stdout(io.StringIO()):  # the optimizer prints a line per task input
+    with _quiet():
         _passes.fold_constants(model)  # inlines each If whose condition is now constant
     _passes.store_weights_as_consumed(model)
     return ir.to_proto(model)
