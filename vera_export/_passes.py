@@ -46,7 +46,7 @@ def store_weights_as_consumed(model: ir.Model) -> None:
     layout the contract fixes (run after ``name_projections``).
     """
     readers: dict[str, int] = {}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # If branches read outer weights too
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # subgraphs read outer weights too
         for value in node.inputs:
             if value is not None and value.name:
                 readers[value.name] = readers.get(value.name, 0) + 1

@@ -53,12 +53,11 @@ def _rows(per_task: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.div(torch.arange(x.shape[0], device=x.device) * tasks, rows, rounding_mode="floor")
 
 
-def _per_row(lam: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """A [T, n] lambda, shaped to scale x's last dimension row by row (``rows``: ``_rows(lam, x)``)."""
+def _per_row(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [T, n] lambda, shaped to scale x's last dimension row by row."""
     if x.dim() == 1:
         return lam[0]
-    rows = _rows(lam, x) if rows is None else rows
-    return lam[rows].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
+    return lam[_rows(lam, x)].reshape(x.shape[0], *([1] * (x.dim() - 2)), lam.shape[1])
 
 
 def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -73,17 +72,7 @@ def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
-def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight (+ bias), weight [in, out]: an nn.Linear or Conv1D with its weight as MatMul reads it."""
-    out = x @ weight
-    return out if bias is None else out + bias
-
-
 class _Tracer(nn.Module):
-    # False: every layer factored, no If (set per tracer for models torch.cond cannot trace; the
-    # benchmark clears it on the class to measure what the If costs and saves)
-    branches = True
-
     def __init__(self, model: nn.Module, adapted: AdaptedModel, input_names: list[str], output_names: list[str]):
         super().__init__()
         self.model = model
@@ -94,16 +83,13 @@ class _Tracer(nn.Module):
         self.output_names = output_names
         self.lambdas: tuple[torch.Tensor, ...] = ()
         self.merged = False  # True: trace the hot template, W + ΔW(λ) for one task (T = 1)
-        self.shared_input: set[int] = set()  # layers whose input another adapted layer reads too
-        self._projections: list[tuple] = []  # (x, in, A x, merge decision) of this run
 
     def run(self, inputs: tuple[torch.Tensor, ...], lambdas: tuple[torch.Tensor, ...]):
         self.lambdas = lambdas
-        self._projections = []
         try:
             outputs = flatten_outputs(self.model(**dict(zip(self.input_names, inputs, strict=True))))
         finally:
-            self.lambdas, self._projections = (), []
+            self.lambdas = ()
         return tuple(outputs[name] for name in self.output_names)
 
     def vera_forward(self, index: int, layer: AdaptedLayer):
@@ -111,56 +97,14 @@ class _Tracer(nn.Module):
             lambda_d, lambda_b = self.lambdas[2 * index], self.lambdas[2 * index + 1]
             vera_a = self.vera_A[:, : layer.in_features]
             vera_b = self.vera_B[: layer.out_features, :]
-
-            def merged(x, lambda_d, lambda_b, weight, *_):  # one task: W + ΔW(λ), then one matmul
+            if self.merged:  # once λ are constants, ONNX Runtime folds all of this into one weight
                 delta = (lambda_b[0][:, None] * vera_b) @ (lambda_d[0][:, None] * vera_a)
-                return _affine(x.to(lambda_d.dtype), weight + delta.transpose(0, 1), layer.base.bias)
-
-            def factored(x, lambda_d, lambda_b, weight, rows=None, *shared):
-                projected = shared[0] if shared else F.linear(x.to(lambda_d.dtype), vera_a)
-                scaled = _per_row(lambda_d, x, rows) * projected
-                return _affine(x, weight, layer.base.bias) + _per_row(lambda_b, x, rows) * F.linear(scaled, vera_b)
-
-            # W as MatMul reads it, [in, out], taken outside the branches: ORT folds the transpose
-            # once there (and the exporter stores it so), where inside a branch it would run per call
-            weight = layer.base.weight.transpose(0, 1) if isinstance(layer.base, nn.Linear) else layer.base.weight
-            if self.merged:  # the hot template: once λ are constants, ONNX Runtime folds ΔW into W
-                return merged(x, lambda_d, lambda_b, weight)
-            if x.dim() < 2 or not self.branches:
-                return factored(x, lambda_d, lambda_b, weight)
-            rows = _rows(lambda_d, x)  # outside the branches: layers with as many rows share it
-            merge = self._merge_now(x, lambda_d, layer, index in self.shared_input)
-            if index not in self.shared_input:
-                return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, weight, rows))
-            projected, merge = self._projected(x, vera_a.to(lambda_d.dtype), merge)
-            return torch.cond(merge, merged, factored, (x, lambda_d, lambda_b, weight, rows, projected))
+                weight = layer.base.weight if isinstance(layer.base, nn.Linear) else layer.base.weight.T
+                return F.linear(x.to(lambda_d.dtype), weight + delta, layer.base.bias)
+            hidden = _per_row(lambda_d, x) * F.linear(x.to(lambda_d.dtype), vera_a)
+            return layer.base(x) + _per_row(lambda_b, x) * F.linear(hidden, vera_b)
 
         return forward
-
-    def _projected(self, x: torch.Tensor, vera_a: torch.Tensor, merge):
-        """A x for layers that read the same x (q, k, v), computed once, only when they run factored
-        (zeros of that shape otherwise, which nothing reads), with the one decision they all follow."""
-        for seen, width, projected, decided in self._projections:
-            if seen is x and width == vera_a.shape[1]:
-                return projected, decided
-
-        def skipped(x):
-            return x.new_zeros(*x.shape[:-1], vera_a.shape[0], dtype=vera_a.dtype)
-
-        def computed(x):
-            return F.linear(x.to(vera_a.dtype), vera_a)
-
-        projected = torch.cond(merge, skipped, computed, (x,))
-        self._projections.append((x, vera_a.shape[1], projected, merge))
-        return projected, merge
-
-    @staticmethod
-    def _merge_now(x: torch.Tensor, lambda_d: torch.Tensor, layer: AdaptedLayer, shared: bool):
-        """Whether forming ΔW for this run (r·in·out multiply-adds, once) costs less than the factored
-        path's r·(in + out) per row (r·out with A x shared): one task, and enough rows."""
-        d_in, d_out = layer.in_features, layer.out_features
-        threshold = d_in if shared else -(-d_in * d_out // (d_in + d_out))
-        return (lambda_d.shape[0] == 1) & (x.numel() // x.shape[-1] >= threshold)
 
     def head_forward(self, start: int, head: AdaptedHead):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -239,48 +183,21 @@ def trace_to_onnx(
     shapes = dynamic_shapes(specs) + [{0: tasks} if tasks else {}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
     tracer.merged = merged
-    if not merged:
-        tracer.shared_input = _layers_sharing_inputs(model, adapted, [s.name for s in specs], examples)
-    arguments = dict(
-        input_names=[s.name for s in specs] + list(task_inputs), output_names=output_names, opset_version=opset,
-        dynamic_shapes=tuple(shapes), dynamo=True, verbose=False, optimize=False,
-    )
     with _patched(_patches(tracer, adapted)), _quiet(), _as_export_error("torch.export could not trace the model"):
-        try:
-            program = torch.onnx.export(tracer.eval(), tuple(examples + lambdas), **arguments)
-        except Exception:
-            if merged:
-                raise
-            # torch.cond refuses some symbolic layouts (e.g. Wav2Vec2's conv lengths): such a model is
-            # exported factored only, as every layer was before the in-graph ΔW.
-            tracer.branches = False
-            program = torch.onnx.export(tracer.eval(), tuple(examples + lambdas), **arguments)
+        program = torch.onnx.export(
+            tracer.eval(),
+            tuple(examples + lambdas),
+            input_names=[s.name for s in specs] + list(task_inputs),
+            output_names=output_names,
+            opset_version=opset,
+            dynamic_shapes=tuple(shapes),
+            dynamo=True,
+            verbose=False,
+            optimize=False,
+        )
     if program is None:
         raise VeraExportError("torch.onnx.export returned no program.")
     return program.model
-
-
-def _layers_sharing_inputs(
-    model: nn.Module, adapted: AdaptedModel, names: list[str], examples: list[torch.Tensor]
-) -> set[int]:
-    """Indices of adapted layers that read the very tensor another adapted layer reads (q, k, v)."""
-    readers: dict[int, list[int]] = {}
-    alive: list[torch.Tensor] = []  # held, so that no two inputs share an id() during the run
-
-    def recorder(index: int):
-        def hook(module, args):
-            alive.append(args[0])
-            readers.setdefault(id(args[0]), []).append(index)
-        return hook
-
-    handles = [layer.module.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(adapted.layers)]
-    try:
-        with torch.no_grad():
-            model(**dict(zip(names, examples, strict=True)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {index for group in readers.values() if len(group) > 1 for index in group}
 
 
 @contextlib.contextmanager

@@ -17,8 +17,6 @@ from ._discover import AdaptedModel
 from ._trace import flatten_outputs
 
 MIXED_BATCH = "mixed batch (a task per row)"
-MANY_ROWS = "one task, many rows"
-_MAX_TILES = 64  # the many-rows check runs the model on at most 64 copies of the example batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +96,6 @@ def _compare(name: str, ort_out: dict[str, np.ndarray], ref: dict[str, np.ndarra
     return Check(name, diff, scale)
 
 
-def _many_rows(examples: dict[str, torch.Tensor], adapted: AdaptedModel) -> dict[str, torch.Tensor] | None:
-    """The examples repeated along the batch until every adapted layer sees enough rows to form ΔW in
-    the graph instead of running factored (see _trace._Tracer._merge_now), within _MAX_TILES copies."""
-    batch = next(iter(examples.values())).shape[0] if examples else 0
-    tokens = min((v.numel() for v in examples.values() if v.dim() and v.shape[0] == batch), default=0)
-    if not tokens or not adapted.layers:
-        return None
-    needed = max(max(layer.in_features, layer.out_features) for layer in adapted.layers)
-    tiles = min(-(-needed // tokens), _MAX_TILES)
-    return {k: v.repeat(tiles, *[1] * (v.dim() - 1)) if v.dim() and v.shape[0] == batch else v
-            for k, v in examples.items()}
-
-
 def verify_export(
     model: nn.Module,
     adapted: AdaptedModel,
@@ -125,8 +110,8 @@ def verify_export(
     output_names = [o.name for o in session.get_outputs()]
     feeds = {name: value.numpy() for name, value in examples.items()}
 
-    def run(extra: dict[str, np.ndarray], model_feeds: dict[str, np.ndarray] = feeds) -> dict[str, np.ndarray]:
-        return dict(zip(output_names, session.run(output_names, {**model_feeds, **extra}), strict=True))
+    def run(extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(output_names, session.run(output_names, {**feeds, **extra}), strict=True))
 
     exported = torch_outputs(model, examples)
     other = random_task(adapted)
@@ -143,8 +128,6 @@ def verify_export(
         mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
         expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}
         checks.append(_compare(MIXED_BATCH, run(mixed), expected))
-    if (many := _many_rows(examples, adapted)) is not None:
-        checks.append(_compare(MANY_ROWS, run({}, {k: v.numpy() for k, v in many.items()}), torch_outputs(model, many)))
     if hot_template is not None:
         hot = ort_session(hot_template)
         checks.append(_compare("hot template (exported task)", dict(zip(output_names, hot.run(output_names, feeds),

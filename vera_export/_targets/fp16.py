@@ -1,9 +1,8 @@
 """``fp16``: weights and arithmetic in float16; task inputs and outputs stay float32.
 
-Factored only (see ``factored``), then ONNX Runtime's float16 converter, with the fixes the raw tool
-needs here: the task defaults are taken out first (it would turn them into float16 while their
-inputs stay float32, and the graph would not load) and put back unchanged, so the same float32 task
-files and ``.onnx_adapter`` files work.
+ONNX Runtime's float16 converter, with the fix the raw tool needs here: the task defaults are taken
+out first (it would turn them into float16 while their inputs stay float32, and the graph would not
+load) and put back unchanged, so the same float32 task files and ``.onnx_adapter`` files work.
 """
 
 from __future__ import annotations
@@ -13,13 +12,11 @@ import onnx
 from vera_runtime import Contract
 
 from . import task_defaults
-from .factored import factored_only
 
 
 def to_fp16(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    proto = factored_only(proto)
     defaults = task_defaults(proto, contract)
     half = convert_float_to_float16(proto, keep_io_types=True)  # out of topological order: _convert sorts
     half.graph.initializer.extend(defaults)

@@ -1,9 +1,8 @@
 """``int8``: ONNX Runtime's dynamic quantization of the base weights only.
 
-Factored only (see ``factored``), then quantized per channel: every MatMul, Gemm and Gather
-(embedding table) whose weight is a base initializer. Kept in float32: ``vera_A`` and ``vera_B``
-(quantizing them flips labels: they carry every task's signal), the task inputs (λ, heads) and
-activations, so the same task files work unchanged.
+Quantized per channel: every MatMul, Gemm and Gather (embedding table) whose weight is a base
+initializer. Kept in float32: ``vera_A`` and ``vera_B`` (quantizing them flips labels: they carry
+every task's signal), the task inputs (λ, heads) and activations, so the same task files work.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from onnx import helper, numpy_helper
 from vera_runtime import Contract
 
 from . import base_weights
-from .factored import factored_only
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
 
@@ -28,7 +26,6 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
 def to_int8(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    proto = factored_only(proto)
     _gemms_as_matmuls(proto, contract)
     weights = base_weights(proto, contract)
     for index, node in enumerate(proto.graph.node):
