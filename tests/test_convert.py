@@ -76,7 +76,7 @@ def test_every_form_keeps_tasks_switching_and_follows_float32(encoder, tmp_path,
     assert {p.name for p in result.task_files} == {f"{out.with_suffix('').name}.{t}.{s}" for t in ("first", "second")
                                                    for s in ("task.safetensors", "onnx_adapter")}
     assert all(p.is_file() for p in result.task_files)
-    assert [a.task for a in result.agreements] == ["first", "second", "a task per row"]
+    assert [a.name for a in result.agreements] == ["first", "second", "a task per row"]
     feeds = vera_models.example_input(vera_models.build("tiny-encoder"), batch=4, seq=8)
     got = {t: _outputs(out, feeds, t) for t in ("first", "second")}
     want = {t: _outputs(encoder, feeds, t) for t in ("first", "second")}

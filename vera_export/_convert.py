@@ -173,7 +173,7 @@ def _require_agreement(agreements: tuple[Agreement, ...], tolerance: float, targ
     worst = max(agreements, key=lambda a: a.relative)
     if worst.relative > tolerance:
         raise VeraExportError(
-            f"the {'+'.join(targets)} graph differs from the float32 graph on task '{worst.task}': max |diff|"
+            f"the {'+'.join(targets)} graph differs from the float32 graph on task '{worst.name}': max |diff|"
             f" {worst.max_abs_diff:.3g} for outputs of scale {worst.scale:.3g} (relative {worst.relative:.3g} >"
             f" tolerance {tolerance:g}); nothing was written. Raise --tolerance if that is acceptable."
         )

@@ -13,23 +13,11 @@ from torch import nn
 
 from vera_runtime._contract import LAMBDA_D
 
+from ._agreement import Check
 from ._discover import AdaptedModel
 from ._trace import flatten_outputs
 
 MIXED_BATCH = "mixed batch (a task per row)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One comparison: the largest |ORT - PyTorch| over all outputs, and the outputs' scale."""
-
-    name: str
-    max_abs_diff: float
-    scale: float
-
-    @property
-    def relative(self) -> float:
-        return self.max_abs_diff / max(self.scale, 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,7 +230,7 @@ def convert_command(graph_path, targets, out, tolerance) -> None:
 
     result = convert(graph_path, out, targets, tolerance=tolerance, progress=_progress(time.perf_counter()))
     for agreement in result.agreements:
-        click.echo(f"  {agreement.task}: max |diff| {agreement.max_abs_diff:.2e} (outputs up to"
+        click.echo(f"  {agreement.name}: max |diff| {agreement.max_abs_diff:.2e} (outputs up to"
                    f" {agreement.scale:.3g}), argmax agrees on {agreement.argmax_agreement:.1%}", err=True)
     click.echo(f"Wrote {result.path} ({'+'.join(result.targets)}) and {len(result.task_files)} task files")
 
