@@ -23,7 +23,7 @@ def base_weights(proto: onnx.ModelProto, contract: Contract) -> dict[str, onnx.T
     }
 
 
-def task_defaults(proto: onnx.ModelProto, contract: Contract) -> list[onnx.TensorProto]:
+def take_task_defaults(proto: onnx.ModelProto, contract: Contract) -> list[onnx.TensorProto]:
     """Take the task inputs' default initializers out of ``proto`` and return them."""
     task_inputs = set(contract.task_shapes())
     defaults = [t for t in proto.graph.initializer if t.name in task_inputs]

@@ -11,13 +11,13 @@ import onnx
 
 from vera_runtime import Contract
 
-from . import task_defaults
+from . import take_task_defaults
 
 
 def to_fp16(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    defaults = task_defaults(proto, contract)
+    defaults = take_task_defaults(proto, contract)
     half = convert_float_to_float16(proto, keep_io_types=True)  # out of topological order: _convert sorts
     half.graph.initializer.extend(defaults)
     return half

@@ -11,9 +11,9 @@ import onnx
 
 from vera_runtime import Contract
 
-from . import task_defaults
+from . import take_task_defaults
 
 
 def to_web(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
-    task_defaults(proto, contract)
+    take_task_defaults(proto, contract)
     return proto
