@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -196,3 +198,13 @@ def test_help_usage_errors_and_inspect_never_import_torch(args, encoder):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     answer = result.stdout.strip()
     assert answer.endswith(("torch not imported 0", "torch not imported 2")), answer + result.stderr
+
+
+def test_every_package_is_installed_by_a_plain_pip_install():
+    """A non-editable install ships only the packages pyproject.toml lists (the tests run editable)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "vera_export").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
