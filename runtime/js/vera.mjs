@@ -234,6 +234,9 @@ export class VeraSession {
     this.session = session;
     this.contract = contract;
     this.inputNames = session.inputNames.filter((name) => !contract.taskShapes.has(name));
+    // shapes with symbolic dimensions by name (onnxruntime-common >= 1.21; absent before: unchecked)
+    const metadata = session.inputMetadata ?? [];
+    this._shapes = new Map(metadata.filter((m) => m.isTensor && this.inputNames.includes(m.name)).map((m) => [m.name, m.shape]));
     this.outputNames = [...session.outputNames];
     this._tasks = new Map(); // name -> { values: Map<input, Float32Array>, feeds: {input: ort.Tensor} }
   }
@@ -308,9 +311,34 @@ export class VeraSession {
         if (value < 0 || value >= high) throw new FeedError(`input '${name}' holds ${value}, outside the model's vocabulary [0, ${high}): check the tokenizer matches the model.`);
       }
     }
+    this._checkShapes(feeds);
     const first = feeds[this.inputNames[0]];
     const batch = first?.dims?.[0] ?? 1;
     if (batch === 0) throw new FeedError('the batch is empty (0 rows): give at least one row.');
     return batch;
+  }
+
+  /** Ranks, fixed dimensions, symbolic ones shared across inputs, and learned position limits. */
+  _checkShapes(feeds) {
+    const sizes = new Map(); // symbolic dimension -> [size, input that set it]
+    for (const [name, shape] of this._shapes) {
+      const dims = feeds[name]?.dims ?? [];
+      const want = `[${shape.join(', ')}]`;
+      if (dims.length !== shape.length || shape.some((d, i) => typeof d === 'number' && d >= 0 && d !== dims[i])) {
+        throw new FeedError(`input '${name}' has shape [${dims.join(', ')}], the graph needs ${want}.`);
+      }
+      shape.forEach((d, i) => {
+        if (typeof d !== 'string' || !d) return;
+        const [seen, where] = sizes.get(d) ?? [dims[i], name];
+        if (seen !== dims[i]) {
+          throw new FeedError(`input '${name}' has ${d}=${dims[i]}, but '${where}' has ${d}=${seen}: inputs must agree on '${d}' (pad them to one length).`);
+        }
+        sizes.set(d, [seen, where]);
+      });
+    }
+    for (const [dim, limit] of Object.entries(this.contract.dimLimits)) {
+      const [size, where] = sizes.get(dim) ?? [0, ''];
+      if (size > limit) throw new FeedError(`'${where}' has ${dim}=${size}, but the model has positions for ${limit}: truncate the input.`);
+    }
   }
 }

@@ -48,4 +48,17 @@ test('refusals: a graph with task defaults, foreign, damaged and NaN task files'
   assert.throws(() => session.loadTask('has.dot', good), TaskFileError);
   await assert.rejects(session.run({ ...feedsOf(ort, testCase.inputs), [session.contract.layers[0].name + '.vera_lambda_d']: 1 }), FeedError);
   await assert.rejects(session.run(feedsOf(ort, testCase.inputs), { tasks: [name] }), /one per row/);
+  const [input, spec] = Object.entries(testCase.inputs)[0];
+  const longer = { ...spec, dims: [spec.dims[0], spec.dims[1] + 1], data: Array(spec.dims[0] * (spec.dims[1] + 1)).fill(1) };
+  const others = Object.keys(testCase.inputs).length > 1;
+  if (others) {
+    await assert.rejects(session.run(feedsOf(ort, { ...testCase.inputs, [input]: longer }), { task: name }), /must agree on 'sequence'/);
+  }
+  const limit = session.contract.dimLimits.sequence;
+  if (limit) {
+    const tooLong = Object.fromEntries(Object.entries(testCase.inputs).map(([k, v]) =>
+      [k, { ...v, dims: [1, limit + 1], data: Array(limit + 1).fill(1) }]));
+    await assert.rejects(session.run(feedsOf(ort, tooLong), { task: name }), new RegExp(`positions for ${limit}`));
+  }
+  assert.ok(others || limit, 'the first case exercises the shape checks');
 });
