@@ -56,12 +56,18 @@ def generated_feeds(
     return feeds
 
 
-def _agreement(task: str, new: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Agreement:
-    diff = max(float(np.abs(new[k].astype(np.float64) - ref[k]).max(initial=0.0)) for k in ref)
+def compare_outputs(name: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Check:
+    """The largest |got - ref| over ``ref``'s outputs, and their scale (the exporter's checks use it too)."""
+    diff = max(float(np.abs(got[k] - ref[k]).max(initial=0.0)) for k in ref)
     scale = max(float(np.abs(ref[k]).max(initial=0.0)) for k in ref)
+    return Check(name, diff, scale)
+
+
+def _agreement(task: str, new: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Agreement:
     first = next(iter(ref))
     same = np.argmax(new[first], axis=-1) == np.argmax(ref[first], axis=-1) if ref[first].ndim else np.array(True)
-    return Agreement(task, diff, scale, argmax_agreement=float(np.mean(same)))
+    check = compare_outputs(task, new, ref)
+    return Agreement(check.name, check.max_abs_diff, check.scale, argmax_agreement=float(np.mean(same)))
 
 
 def compare_forms(reference: Path, converted: Path, *, batch: int = 4, sequence: int = 16) -> tuple[Agreement, ...]:

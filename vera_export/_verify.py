@@ -13,7 +13,7 @@ from torch import nn
 
 from vera_runtime._contract import LAMBDA_D
 
-from ._agreement import Check
+from ._agreement import Check, compare_outputs
 from ._discover import AdaptedModel
 from ._trace import flatten_outputs
 
@@ -78,12 +78,6 @@ def torch_outputs(model: nn.Module, feeds: dict[str, torch.Tensor]) -> dict[str,
         return {name: value.float().numpy() for name, value in flatten_outputs(model(**feeds)).items()}
 
 
-def _compare(name: str, ort_out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Check:
-    diff = max(float(np.abs(ort_out[k] - ref[k]).max(initial=0.0)) for k in ref)
-    scale = max(float(np.abs(ref[k]).max(initial=0.0)) for k in ref)
-    return Check(name, diff, scale)
-
-
 def verify_export(
     model: nn.Module,
     adapted: AdaptedModel,
@@ -106,8 +100,8 @@ def verify_export(
     with lambdas_set(adapted, other):
         randomised = torch_outputs(model, examples)
     checks = [
-        _compare("exported task (λ defaults)", run({}), exported),
-        _compare("random λ fed as inputs", run({k: v.numpy()[None] for k, v in other.items()}), randomised),
+        compare_outputs("exported task (λ defaults)", run({}), exported),
+        compare_outputs("random λ fed as inputs", run({k: v.numpy()[None] for k, v in other.items()}), randomised),
     ]
     batch = next(iter(examples.values())).shape[0]
     if batch >= 2 and all(value.shape[:1] == (batch,) for value in exported.values()):
@@ -115,9 +109,9 @@ def verify_export(
         rows = [(current, exported) if i % 2 == 0 else (other, randomised) for i in range(batch)]
         mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
         expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}
-        checks.append(_compare(MIXED_BATCH, run(mixed), expected))
+        checks.append(compare_outputs(MIXED_BATCH, run(mixed), expected))
     if hot_template is not None:
         hot = ort_session(hot_template)
-        checks.append(_compare("hot template (exported task)", dict(zip(output_names, hot.run(output_names, feeds),
-                                                                            strict=True)), exported))
+        hot_outputs = dict(zip(output_names, hot.run(output_names, feeds), strict=True))
+        checks.append(compare_outputs("hot template (exported task)", hot_outputs, exported))
     return Verification(tuple(checks), tolerance)
