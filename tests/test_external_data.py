@@ -10,7 +10,7 @@ import onnx
 from safetensors import safe_open
 
 import vera_models
-from vera_export import _convert, _export, add_task, convert, export
+from vera_export import _options, add_task, convert, export
 from vera_runtime import VeraSession
 
 
@@ -35,8 +35,7 @@ def test_external_data_graphs_export_load_move_and_convert(tmp_path, monkeypatch
     inline = tmp_path / "inline" / "encoder.onnx"
     inline.parent.mkdir()
     _two_task_encoder(inline)
-    monkeypatch.setattr(_export, "_EXTERNAL_DATA_BYTES", 0)
-    monkeypatch.setattr(_convert, "_EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(_options, "EXTERNAL_DATA_BYTES", 0)  # export, convert and int8 read it
     graph = tmp_path / "external" / "encoder.onnx"
     graph.parent.mkdir()
     _two_task_encoder(graph)  # verified against PyTorch through the external data, as every export is

@@ -16,6 +16,7 @@ from pathlib import Path
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
 from vera_runtime._taskfile import task_files_beside
 
+from . import _options
 from ._agreement import Agreement, compare_forms
 from ._errors import VeraExportError
 from ._graphfile import load_graph
@@ -25,7 +26,6 @@ TARGETS = ("int8", "fp16", "web", "ort")
 # Largest |converted - float32| accepted, relative to the outputs' scale: web and ort run the same
 # arithmetic; fp16 rounds every weight to 11 bits; int8 to 8 bits per weight, with activations too.
 DEFAULT_TOLERANCES = {"web": 1e-5, "ort": 1e-4, "fp16": 2e-2, "int8": 0.25}
-_EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _write(proto, path: Path, ort_out: Path | None) -> None:
     """Save ``proto`` at ``path`` (external data beside it when large), check it, then convert to .ort."""
     import onnx
 
-    big = proto.ByteSize() > _EXTERNAL_DATA_BYTES
+    big = proto.ByteSize() > _options.EXTERNAL_DATA_BYTES
     onnx.save(proto, str(path), save_as_external_data=big, location=f"{path.name}.data" if big else None)
     try:
         onnx.checker.check_model(str(path), full_check=True)

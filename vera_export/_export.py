@@ -24,7 +24,7 @@ from vera_runtime import (
 )
 from vera_runtime._taskfile import check_task_name
 
-from . import _passes
+from . import _options, _passes
 from ._digest import base_digest
 from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
@@ -36,8 +36,6 @@ from ._projection import RECIPE, make_projections
 from ._staging import Staging, check_writable, pause_for_tests, task_file_paths, writing
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
-
-_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps one file at 2 GiB: move weights out well before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +127,7 @@ def _save(graph: ir.Model, folder: Path, name: str) -> None:
     if graph.metadata_props.get(_passes.HOT_TEMPLATE_KEY):
         return _save_hot_template(graph, folder, name)
     nbytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
-    ir.save(graph, folder / name, external_data=f"{name}.data" if nbytes > _EXTERNAL_DATA_BYTES else None)
+    ir.save(graph, folder / name, external_data=f"{name}.data" if nbytes > _options.EXTERNAL_DATA_BYTES else None)
 
 
 def _save_hot_template(graph: ir.Model, folder: Path, name: str) -> None:

@@ -3,3 +3,4 @@
 DEFAULT_OPSET = 20
 DEFAULT_TOLERANCE = 1e-5
 TRUST_FLAG = "--trust-pickle"
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps one file at 2 GiB: graphs move weights to .data well before

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from vera_runtime import Contract
 
+from .. import _options
 from . import base_weights
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
@@ -26,8 +27,8 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
 def to_int8(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _gemms_as_matmuls(proto, contract)
     weights = base_weights(proto, contract)
+    _gemms_as_matmuls(proto, weights)
     for index, node in enumerate(proto.graph.node):
         node.name = node.name or f"vera_node_{index}"
     chosen = [
@@ -35,7 +36,7 @@ def to_int8(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
         if node.op_type in _WEIGHT_INPUT and node.domain in ("", "ai.onnx")
         and (weight := weights.get(node.input[_WEIGHT_INPUT[node.op_type]])) is not None and len(weight.dims) == 2
     ]
-    big = sum(t.ByteSize() for t in proto.graph.initializer) > 1 << 30
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > _options.EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory() as folder, _quiet_root_logger():  # it logs a pre-processing hint
         out = Path(folder) / "int8.onnx"
         quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=chosen,
@@ -63,9 +64,9 @@ def _plain_gemm_weight(node, weights, readers) -> onnx.TensorProto | None:
     return weights[node.input[1]] if plain else None
 
 
-def _gemms_as_matmuls(proto: onnx.ModelProto, contract: Contract) -> None:
-    """ORT's dynamic quantizer skips Gemm: rewrite ``Gemm(x, W, b)`` with a base weight as MatMul + Add."""
-    weights = base_weights(proto, contract)
+def _gemms_as_matmuls(proto: onnx.ModelProto, weights: dict[str, onnx.TensorProto]) -> None:
+    """ORT's dynamic quantizer skips Gemm: rewrite ``Gemm(x, W, b)`` with a base weight as MatMul + Add
+    (``weights``: the base weights by name; a transposed one is rewritten in place)."""
     readers = collections.Counter(name for node in proto.graph.node for name in node.input)
     nodes = []
     for node in proto.graph.node:
