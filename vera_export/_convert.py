@@ -63,18 +63,19 @@ def _check_out(graph: Path, out: Path, targets: tuple[str, ...]) -> None:
 
 def _transform(graph: Path, targets: tuple[str, ...]):
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     from ._targets.fp16 import to_fp16
     from ._targets.int8 import to_int8
     from ._targets.web import to_web
 
-    _, contract = load_graph(graph)
+    proto, contract = load_graph(graph)
     if contract.weights != "float32" or not contract.task_defaults:
         raise VeraExportError(
             f"{graph} is a converted graph ({contract.weights} weights, task defaults"
             f" {'kept' if contract.task_defaults else 'removed'}): convert the graph vera-export wrote instead."
         )
-    proto = onnx.load(str(graph))
+    load_external_data_for_model(proto, str(graph.parent))  # the one parse serves the contract and the weights
     steps = {"int8": to_int8, "fp16": to_fp16, "web": to_web}
     for target in targets:
         if target in steps:
