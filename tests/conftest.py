@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import vera_models
-from helpers import Exported, find_vera_layers
+from helpers import Exported, export_two_task_encoder, find_vera_layers
 from vera_export import export
 from vera_export._export import model_input_specs
 
@@ -66,6 +67,12 @@ BERT_INPUTS = ["input_ids:int64<30522:batch=2,sequence=8", "attention_mask:int64
 @pytest.fixture(scope="session")
 def encoder(tmp_path_factory) -> Exported:
     return _export(vera_models.make_task(vera_models.build("tiny-encoder"), 1), tmp_path_factory, "encoder")
+
+
+@pytest.fixture(scope="session")
+def two_task_encoder(tmp_path_factory) -> Path:
+    """The tiny encoder with tasks 'first' and 'second', alone in its folder (tests write elsewhere)."""
+    return export_two_task_encoder(tmp_path_factory.mktemp("two-tasks") / "encoder.onnx")
 
 
 @pytest.fixture(scope="session")

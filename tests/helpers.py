@@ -87,3 +87,13 @@ __all__ = [
     "CustomNet", "Exported", "TOLERANCE", "as_feeds", "find_vera_layers", "inputs_for",
     "max_relative_diff", "random_task", "run", "session", "task_of", "torch_reference",
 ]
+
+
+def export_two_task_encoder(path: Path) -> Path:
+    """The tiny encoder exported at ``path`` with task 'first', plus task 'second' beside it."""
+    import vera_models
+    from vera_export import add_task, export
+
+    export(vera_models.make_task(vera_models.build("tiny-encoder"), 1), path, task_name="first")
+    add_task(vera_models.make_task(vera_models.build("tiny-encoder"), 2), path, "second")
+    return path

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import vera_models
-from vera_export import VeraExportError, add_task, convert
+from vera_export import VeraExportError, convert
 from vera_export.cli import main
 from vera_runtime import FeedError, VeraSession
 
@@ -43,15 +43,9 @@ def _single_use_transposed_weights(proto: onnx.ModelProto) -> list[str]:
             and uses[n.input[0]] == 1 and n.input[0] not in ("vera_A", "vera_B")]
 
 
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    """The tiny encoder with two tasks, in a folder of its own."""
-    graph = tmp_path_factory.mktemp("convert") / "encoder.onnx"
-    from vera_export import export
-
-    export(vera_models.make_task(vera_models.build("tiny-encoder"), 1), graph, task_name="first")
-    add_task(vera_models.make_task(vera_models.build("tiny-encoder"), 2), graph, "second")
-    return graph
+@pytest.fixture
+def encoder(two_task_encoder):
+    return two_task_encoder
 
 
 def _outputs(path, feeds, task):

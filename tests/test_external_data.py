@@ -10,13 +10,9 @@ import onnx
 from safetensors import safe_open
 
 import vera_models
-from vera_export import _options, add_task, convert, export
+from helpers import export_two_task_encoder
+from vera_export import _options, convert
 from vera_runtime import VeraSession
-
-
-def _two_task_encoder(path):
-    export(vera_models.make_task(vera_models.build("tiny-encoder"), 1), path, task_name="first")
-    add_task(vera_models.make_task(vera_models.build("tiny-encoder"), 2), path, "second")
 
 
 def _contents(path) -> tuple[dict, dict]:
@@ -31,14 +27,12 @@ def _outputs(path, feeds) -> dict[str, np.ndarray]:
     return {task: session.run(feeds, task=task)["logits"] for task in ("first", "second")}
 
 
-def test_external_data_graphs_export_load_move_and_convert(tmp_path, monkeypatch):
-    inline = tmp_path / "inline" / "encoder.onnx"
-    inline.parent.mkdir()
-    _two_task_encoder(inline)
+def test_external_data_graphs_export_load_move_and_convert(tmp_path, monkeypatch, two_task_encoder):
+    inline = two_task_encoder
     monkeypatch.setattr(_options, "EXTERNAL_DATA_BYTES", 0)  # export, convert and int8 read it
     graph = tmp_path / "external" / "encoder.onnx"
     graph.parent.mkdir()
-    _two_task_encoder(graph)  # verified against PyTorch through the external data, as every export is
+    export_two_task_encoder(graph)  # verified against PyTorch through the external data, as every export is
 
     data = graph.with_name("encoder.onnx.data")
     proto = onnx.load(str(graph), load_external_data=False)

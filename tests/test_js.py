@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import vera_models
-from vera_export import add_task, convert, export
+from vera_export import convert
 from vera_runtime import VeraSession
 from vera_runtime._taskfile import task_files_beside
 
@@ -76,13 +76,9 @@ def _refusals(folder: Path, encoder: Path, foreign_task: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory, minilm) -> Path:
+def fixtures(tmp_path_factory, minilm, two_task_encoder) -> Path:
     folder = tmp_path_factory.mktemp("js")
-    encoder = folder / "fp32" / "encoder.onnx"
-    encoder.parent.mkdir()
-    model = vera_models.make_task(vera_models.build("tiny-encoder"), 1)
-    export(model, encoder, task_name="first")
-    add_task(vera_models.make_task(vera_models.build("tiny-encoder"), 2), encoder, "second")
+    encoder = two_task_encoder
     convert(encoder, folder / "encoder.web.onnx", "web")
     result, module = minilm
     (folder / "minilm").mkdir()
@@ -93,7 +89,7 @@ def fixtures(tmp_path_factory, minilm) -> Path:
     long = module._tokenizer()(["The concert was wonderful and I would go again any time. " * 12] * 4, truncation=True,
                                 padding="max_length", max_length=128, return_tensors="np")
     many_rows = {k: long[k].astype(np.int64) for k in ("input_ids", "attention_mask")}  # 4 x 128 tokens
-    example = vera_models.example_input(model, batch=4, seq=8)
+    example = vera_models.example_input(vera_models.build("tiny-encoder"), batch=4, seq=8)
     cases = [
         _case("tiny-encoder", folder / "encoder.web.onnx", example, folder),
         _case("minilm", folder / "minilm" / "minilm.web.onnx", sentences, folder),
