@@ -234,7 +234,7 @@ export class VeraSession {
     this.session = session;
     this.contract = contract;
     this.inputNames = session.inputNames.filter((name) => !contract.taskShapes.has(name));
-    // shapes with symbolic dimensions by name (onnxruntime-common >= 1.21; absent before: unchecked)
+    // shapes with symbolic dimensions by name (session.inputMetadata; releases without it: unchecked)
     const metadata = session.inputMetadata ?? [];
     this._shapes = new Map(metadata.filter((m) => m.isTensor && this.inputNames.includes(m.name)).map((m) => [m.name, m.shape]));
     this.outputNames = [...session.outputNames];
