@@ -30,6 +30,7 @@ from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
 from ._graphfile import read_contract
 from ._inputs import InputSpec, parse_specs
+from ._kv_cache import CachedCausalLM, name_cache_dims
 from ._limits import dim_limits, input_highs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
@@ -104,6 +105,8 @@ def hot_template_path(onnx_path: Path) -> Path:
 
 def _build_graph(model, adapted, specs, examples, output_names, opset, contract, task, merged=False) -> ir.Model:
     graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset, merged)
+    if isinstance(model, CachedCausalLM):
+        name_cache_dims(graph)
     _passes.fold_constants(graph)
     _passes.strip_trace_metadata(graph)
     _passes.name_projections(graph, adapted.vera_a.detach().cpu().numpy(), adapted.vera_b.detach().cpu().numpy())

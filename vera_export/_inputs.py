@@ -23,10 +23,14 @@ _USAGE = "expected NAME:DTYPE[<HIGH]:DIMS, e.g. input_ids:int64<1000:batch=2,seq
 
 @dataclasses.dataclass(frozen=True)
 class Dim:
-    """A symbolic dimension and the size it is traced at (at least 2: torch.export fixes 0 and 1)."""
+    """A symbolic dimension and the size it is traced at (at least 2: torch.export fixes 0 and 1).
+
+    ``derived``: a size that follows from other dimensions (a KV cache's ``past + sequence``), which
+    torch.export must infer rather than be told it is free; the caller names it in the graph."""
 
     name: str
     example: int
+    derived: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +90,16 @@ def parse_specs(texts) -> list[InputSpec]:
     return specs
 
 
-def dynamic_shapes(specs: list[InputSpec]) -> list[dict[int, torch.export.Dim]]:
+def dynamic_shapes(specs: list[InputSpec]) -> list[dict]:
     """One ``{axis: Dim}`` per input; dimensions with the same name share one torch.export.Dim."""
     dims: dict[str, torch.export.Dim] = {}
     shapes = []
     for spec in specs:
         axes = {}
         for axis, dim in enumerate(spec.dims):
-            if isinstance(dim, Dim):
+            if isinstance(dim, Dim) and dim.derived:
+                axes[axis] = torch.export.Dim.AUTO
+            elif isinstance(dim, Dim):
                 axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=1))
         shapes.append(axes)
     return shapes

@@ -7,7 +7,8 @@ from torch import nn
 from ._inputs import InputSpec
 
 _TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
-_SEQUENCE_FIELDS = {"sequence": ("max_positions", "n_positions", "max_position_embeddings"),
+_POSITION_FIELDS = ("max_positions", "n_positions", "max_position_embeddings")
+_SEQUENCE_FIELDS = {"sequence": _POSITION_FIELDS, "total_sequence": _POSITION_FIELDS,  # a KV cache: past + new
                     "decoder_sequence": ("max_target_positions",)}
 _PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # positions start after the padding id
 

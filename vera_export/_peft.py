@@ -21,7 +21,9 @@ from vera_runtime._taskfile import check_task_name
 
 from ._errors import VeraExportError
 from ._export import ExportResult, add_task, export, read_contract, stage_task
+from ._genai import stage_genai_files
 from ._hf_inputs import default_input_specs
+from ._kv_cache import CachedCausalLM
 from ._peft_adapters import CONFIG, Adapter, check_compatible, projection_notes, read_adapter
 from ._peft_class import BaseClass, choose_class
 from ._staging import Staging
@@ -148,6 +150,7 @@ def export_peft(
     *,
     base: str | os.PathLike | None = None,
     model_class: str | None = None,
+    kv_cache: bool = False,
     progress: Callable[[str], None] = lambda message: None,
     **options,
 ) -> PeftExportResult:
@@ -157,15 +160,23 @@ def export_peft(
     default task. The base model's class comes from the adapter (see ``choose_class``) unless
     ``model_class`` names one. ``options`` go to :func:`export` (inputs, opset, verify, tolerance);
     without ``inputs``, the model's main input decides (token ids, pixels, audio; decoder ids).
+    ``kv_cache`` (causal LMs): the graph takes and returns the KV cache, for generation, and
+    ``genai_config.json`` plus the base folder's tokenizer files are written beside it.
     """
     read = _read_all(adapters)
     progress(f"Loading the base model and {len(read)} adapter(s) ...")
     loaded = load_peft_models(read, base, model_class)
-    if not options.get("inputs"):
+    root: nn.Module = PeftRoot(loaded.model)
+    if kv_cache:
+        if options.get("inputs"):
+            raise VeraExportError("--kv-cache sets the graph's inputs itself (the genai layout): drop --input.")
+        root = CachedCausalLM(root)
+    elif not options.get("inputs"):
         options["inputs"] = default_input_specs(loaded.model.get_base_model())
-    root = PeftRoot(loaded.model)
     with Staging(out, replaces_set=True) as staging:  # the graph and every task, published as one set
         result = export(root, out, task_name=read[0].name, progress=progress, staging=staging, **options)
+        if kv_cache:
+            stage_genai_files(root, Path(out), resolve_base(base, read[0]), staging)
         task_files = [result.task_path]
         for adapter in read[1:]:
             loaded.model.set_adapter(adapter.name)

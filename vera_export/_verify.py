@@ -15,7 +15,9 @@ from vera_runtime._contract import LAMBDA_D
 
 from ._agreement import Check, compare_outputs
 from ._discover import AdaptedModel
+from ._kv_cache import CachedCausalLM
 from ._trace import flatten_outputs
+from ._verify_cache import generation_check, mixed_generation_check
 
 MIXED_BATCH = "mixed batch (a task per row)"
 
@@ -110,8 +112,24 @@ def verify_export(
         mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
         expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}
         checks.append(compare_outputs(MIXED_BATCH, run(mixed), expected))
+    if isinstance(model, CachedCausalLM):
+        checks += _generation_checks(model, adapted, session, other)
     if hot_template is not None:
         hot = ort_session(hot_template)
         hot_outputs = dict(zip(output_names, hot.run(output_names, feeds), strict=True))
         checks.append(compare_outputs("hot template (exported task)", hot_outputs, exported))
     return Verification(tuple(checks), tolerance)
+
+
+def _generation_checks(model: CachedCausalLM, adapted: AdaptedModel, session, other: dict) -> list[Check]:
+    """Prefill and decode steps through the cache: the exported task, random λ, and one per row."""
+    current = {name: param.detach().numpy()[None] for name, param in adapted.task_params().items()}
+    fed = {name: value.numpy()[None] for name, value in other.items()}
+    with lambdas_set(adapted, other):
+        randomised = generation_check("generation with random λ", model, session, fed)
+    rows = [(current, contextlib.nullcontext), (fed, lambda: lambdas_set(adapted, other))]
+    return [
+        generation_check("generation (exported task)", model, session, {}),
+        randomised,
+        mixed_generation_check("generation with a task per row", model, session, rows),
+    ]

@@ -99,9 +99,12 @@ def main() -> None:
 @click.option("--task", "more_tasks", multiple=True, metavar="NAME=ADAPTER_DIR",
               help="PEFT adapters: another adapter over the same base, written as task NAME. Repeatable.")
 @click.option("--model-class", help=_MODEL_CLASS_HELP)
+@click.option("--kv-cache", is_flag=True,
+              help="PEFT causal LMs: a graph with a KV cache for generation (inputs past_key_values.N.key/value,"
+                   " outputs present.N.key/value), plus genai_config.json and the base's tokenizer files.")
 @_errors_as_messages
 def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, hot_template, trust_pickle,
-                   base, more_tasks, model_class) -> None:
+                   base, more_tasks, model_class, kv_cache) -> None:
     """Export MODEL to one ONNX graph plus task files.
 
     MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
@@ -117,13 +120,13 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
         from ._peft import export_peft
 
         adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_tasks)
-        peft_result = export_peft(adapters, out, base=base, model_class=model_class, progress=progress,
-                                  **{k: v for k, v in options.items() if v is not None})
+        peft_result = export_peft(adapters, out, base=base, model_class=model_class, kv_cache=kv_cache,
+                                  progress=progress, **{k: v for k, v in options.items() if v is not None})
         result = peft_result.export
         for note in peft_result.notes:
             click.echo(f"Note: {note}", err=True)
     else:
-        _refuse_peft_options(base=base, task=more_tasks, model_class=model_class)
+        _refuse_peft_options(base=base, task=more_tasks, model_class=model_class, kv_cache=kv_cache)
         from ._checkpoint import load_model
         from ._export import export
 

@@ -1,0 +1,68 @@
+"""``genai_config.json`` and tokenizer files beside a KV-cache graph: what onnxruntime-genai's
+``og.Model(folder)`` reads, and what ``vera-run generate`` tokenizes with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ._kv_cache import PAST, PRESENT, CachedCausalLM
+from ._staging import Staging
+
+GENAI_CONFIG = "genai_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def _token_ids(base: Path, config) -> dict[str, int | list[int] | None]:
+    """bos/eos/pad as generation_config.json says (it wins, as in transformers), else config.json;
+    no pad id means the eos id, as transformers' generate pads."""
+    generation = {}
+    if (base / "generation_config.json").is_file():
+        generation = json.loads((base / "generation_config.json").read_text())
+    ids = {key: generation.get(key, getattr(config, key, None)) for key in ("bos_token_id", "eos_token_id",
+                                                                          "pad_token_id")}
+    if ids["pad_token_id"] is None:
+        eos = ids["eos_token_id"]
+        ids["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return ids
+
+
+def genai_config(model: CachedCausalLM, graph_name: str, base: Path) -> dict:
+    config, layout = model.config, model.layout
+    context = next((getattr(config, f) for f in ("max_position_embeddings", "n_positions") if hasattr(config, f)), None)
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": graph_name,
+        "head_size": layout.head_dim,
+        "hidden_size": config.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": PAST.format("%d", "key"), "past_value_names": PAST.format("%d", "value")},
+        "outputs": {"logits": "logits", "present_key_names": PRESENT.format("%d", "key"),
+                    "present_value_names": PRESENT.format("%d", "value")},
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": layout.layers,
+        "num_key_value_heads": layout.kv_heads,
+    }
+    return {  # "type": onnxruntime-genai names its decoder families as transformers' model_type does
+        "model": {**_token_ids(base, config), "context_length": context, "decoder": decoder, "type": config.model_type,
+                  "vocab_size": config.vocab_size},
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def stage_genai_files(model: CachedCausalLM, graph: Path, base: Path, stage: Staging) -> list[Path]:
+    """Stage ``genai_config.json`` and the base folder's tokenizer files beside ``graph``."""
+    config_path = graph.with_name(GENAI_CONFIG)
+    text = json.dumps(genai_config(model, graph.name, base), indent=2)
+    stage.path(config_path).write_text(text + "\n")
+    written = [config_path]
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, stage.path(graph.with_name(name)))
+            written.append(graph.with_name(name))
+    return written

@@ -1,0 +1,146 @@
+"""Causal LMs with a KV cache: one graph for prefill and decode steps, in the layout that
+onnxruntime-genai and Optimum use (``past_key_values.{i}.key`` in, ``present.{i}.key`` out).
+
+The cache tensors are plain graph inputs and outputs. In PyTorch they become a transformers
+``DynamicCache`` around the model's own forward, so the traced graph is the model's own attention
+code: rotary positions, grouped KV heads and masks included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from ._errors import VeraExportError
+from ._inputs import Dim, InputSpec
+
+PAST = "past_key_values.{}.{}"
+PRESENT = "present.{}.{}"
+TOTAL = "total_sequence"  # past_sequence + sequence: the attention mask's length and the present's
+_EXAMPLE = {"batch": 2, "sequence": 3, "past_sequence": 5}  # distinct sizes, all >= 2 (see Dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """The cache a model keeps per layer: ``[batch, kv_heads, positions, head_dim]`` keys and values."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def past_names(self) -> list[str]:
+        return [PAST.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [PRESENT.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    def empty(self, batch: int) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros(batch, self.kv_heads, 0, self.head_dim) for name in self.past_names()}
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The transformers causal LM under PEFT's wrappers (``PeftRoot``) or the model itself."""
+    inner = getattr(getattr(model, "base_model", None), "model", model)
+    config = getattr(inner, "config", None)
+    name = type(inner).__name__
+    if config is None or getattr(config, "is_encoder_decoder", False) or not name.endswith("ForCausalLM") and not (
+        name.endswith("LMHeadModel")
+    ):
+        raise VeraExportError(
+            f"--kv-cache needs a transformers causal LM (a …ForCausalLM or …LMHeadModel class); this model is a"
+            f" {name}. Export it without --kv-cache, or load its base with --model-class …ForCausalLM."
+        )
+    return inner
+
+
+def _run_cached(inner: nn.Module, cache, **inputs):
+    """``inner``'s forward with ``cache``; returns (output, the cache's layers). transformers 5.x
+    renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40)."""
+    if not hasattr(cache, "layers"):
+        raise VeraExportError(
+            f"--kv-cache needs transformers 5 (its DynamicCache keeps .layers); this is {_transformers_version()}:"
+            " pip install 'transformers>=5'."
+        )
+    name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    out = inner(**inputs, **{name: cache}, use_cache=True)
+    returned = out.cache if name == "cache" else out.past_key_values
+    return out, returned.layers
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
+
+
+def probe_layout(model: nn.Module) -> CacheLayout:
+    """The cache layout the model really builds: one token through it, with an empty cache."""
+    from transformers.cache_utils import DynamicCache
+
+    inner = _language_model(model)
+    with torch.no_grad():
+        _, layers = _run_cached(inner, DynamicCache(config=inner.config), input_ids=torch.zeros(1, 1, dtype=torch.long))
+    shapes = {tuple(layer.keys.shape) for layer in layers} | {tuple(layer.values.shape) for layer in layers}
+    if len(shapes) != 1:
+        raise VeraExportError(
+            f"{type(inner).__name__} keeps caches of different shapes per layer ({sorted(shapes)}): --kv-cache supports"
+            " models with one key/value shape for every layer."
+        )
+    _, kv_heads, _, head_dim = shapes.pop()
+    return CacheLayout(len(layers), kv_heads, head_dim)
+
+
+class CachedCausalLM(nn.Module):
+    """A causal LM whose forward takes and returns the cache as named tensors.
+
+    Module names stay those of ``model`` (its children are adopted, not nested), so λ inputs and task
+    files are named exactly as without a cache.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.layout = probe_layout(model)
+        self.wrapped = [model]  # a list: not registered as a child, whose name would prefix every module
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self.config = _language_model(model).config
+        self.peft_config = getattr(model, "peft_config", None)
+
+    def vera_input_specs(self) -> list[InputSpec]:
+        batch, sequence, past = (Dim(name, size) for name, size in _EXAMPLE.items())
+        total = Dim(TOTAL, _EXAMPLE["sequence"] + _EXAMPLE["past_sequence"], derived=True)
+        vocab = self.config.vocab_size
+        cache = (batch, self.layout.kv_heads, past, self.layout.head_dim)
+        return [
+            InputSpec("input_ids", "int64", (batch, sequence), vocab),
+            InputSpec("attention_mask", "int64", (batch, total), 2),
+            InputSpec("position_ids", "int64", (batch, sequence), _EXAMPLE["past_sequence"]),
+            *(InputSpec(name, "float32", cache) for name in self.layout.past_names()),
+        ]
+
+    def forward(self, input_ids, attention_mask, position_ids, **past) -> dict[str, torch.Tensor]:
+        from transformers.cache_utils import DynamicCache
+
+        names = self.layout.past_names()
+        pairs = [(past[names[2 * i]], past[names[2 * i + 1]]) for i in range(self.layout.layers)]
+        inner = _language_model(self.wrapped[0])
+        out, layers = _run_cached(inner, DynamicCache(ddp_cache_data=pairs, config=inner.config),
+                                  input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        present = [tensor for layer in layers for tensor in (layer.keys, layer.values)]
+        return {"logits": out.logits, **dict(zip(self.layout.present_names(), present, strict=True))}
+
+
+def name_cache_dims(graph: ir.Model) -> None:
+    """Name the total length ``total_sequence`` where torch.export left an expression or a symbol
+    (``past_sequence + sequence``, ``s53``): the mask's second axis and each present's third."""
+    for value in graph.graph.inputs:
+        if value.name == "attention_mask" and value.shape is not None:
+            value.shape = ir.Shape([value.shape[0], TOTAL])
+    for value in graph.graph.outputs:
+        if value.name.startswith("present.") and value.shape is not None:
+            dims = list(value.shape)
+            value.shape = ir.Shape([*dims[:2], TOTAL, *dims[3:]])
