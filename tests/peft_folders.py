@@ -126,3 +126,19 @@ def example_feeds(inputs: dict, batch: int = 3, seed: int = 0) -> dict[str, np.n
         else:
             feeds[name] = rng.integers(0, 1000, shape)
     return feeds
+
+
+def add_tokenizer(base: Path, vocab_size: int) -> Path:
+    """A word-level tokenizer ("w5 w17" -> [1, 5, 17]; <pad> 0, <s> 1, </s> 2) saved in ``base``, built
+    locally as a user's base folder would hold one from the hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.decoder = decoders.WordPiece()  # words joined by spaces
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(base)
+    return base

@@ -3,6 +3,7 @@
     vera-run tasks m.onnx                         list the task files beside the graph
     vera-run run m.onnx --input x.npz --task T    run one task (T, or T=PATH to load a file)
     vera-run compare m.onnx --input x.npz         run one input with every task: a table
+    vera-run generate m.onnx --prompt "…" --task T  generate text (a graph exported with --kv-cache)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ._io import file_problem
 from ._jsonio import json_inputs, parse_json
 from ._session import VeraSession
 from ._taskfile import TaskFileError, read_task, task_files_beside
+from ._text import encode_left_padded, load_tokenizer
 
 _EXPECTED = (ContractError, DeviceError, FeedError, TaskFileError, FileNotFoundError, KeyError)
 
@@ -106,10 +108,27 @@ def _cmd_compare(args) -> None:
         print(f"{name:<20} {_summary(value[0], width=6)}")
 
 
-def _graph_command(commands, name: str, func, text: str) -> argparse.ArgumentParser:
+def _cmd_generate(args) -> None:
+    session = _session(args)
+    tasks = args.tasks.split(",") if args.tasks else None
+    if tasks is not None and len(tasks) != len(args.prompt):
+        raise FeedError(f"--tasks names {len(tasks)} tasks for {len(args.prompt)} prompts: give one per --prompt.")
+    tokenizer = load_tokenizer(session.model_path)
+    ids, mask = encode_left_padded(tokenizer, args.prompt, session.token_ids().pad)
+    options = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+               "seed": args.seed}
+    out = session.generate(ids, mask, task=args.task, tasks=tasks, max_new_tokens=args.max_new_tokens, **options)
+    for i, row in enumerate(out[:, ids.shape[1]:]):
+        text = tokenizer.decode([int(t) for t in row], skip_special_tokens=True)
+        label = f"[{tasks[i] if tasks else args.task or session.default_task}] " if len(args.prompt) > 1 else ""
+        print(f"{label}{_printable(text)}")
+
+
+def _graph_command(commands, name: str, func, text: str, inputs: bool = True) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=text)
     command.add_argument("graph")
-    command.add_argument("--input", required=True, help=".npz (by name), .npy (single input) or .json")
+    if inputs:
+        command.add_argument("--input", required=True, help=".npz (by name), .npy (single input) or .json")
     command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     command.add_argument("--load", dest="task_files", action="append", metavar="NAME=PATH",
                          help="also load this task file (native, .onnx_adapter or PEFT adapter_model.safetensors)")
@@ -129,6 +148,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="also write all outputs to this .npz")
     compare = _graph_command(commands, "compare", _cmd_compare, "run one input with every task")
     compare.add_argument("--output", help="the output to tabulate (default: the first)")
+    generate = _graph_command(commands, "generate", _cmd_generate, "generate text", inputs=False)
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    generate.add_argument("--task", help="the task for every prompt (default: the graph's default task)")
+    generate.add_argument("--tasks", help="one task per prompt, comma-separated: a batch with a task per row")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int, help="makes --sample repeatable")
     return parser
 
 

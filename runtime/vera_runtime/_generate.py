@@ -1,0 +1,157 @@
+"""Generation with a KV-cache graph (``vera-export … --kv-cache``): prefill the prompt once, then one
+token per step, each step's ``present`` fed back as the next ``past``. Greedy follows transformers'
+``generate`` token for token: left padding, position ids from the mask, finished rows padded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._errors import FeedError
+from ._feeds import InputInfo
+
+PAST = "past_key_values.{}.{}"
+PRESENT = "present.{}.{}"
+GENAI_CONFIG = "genai_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """The cache inputs and outputs of a graph, pairwise: ``past[i]`` takes what ``present[i]`` gave."""
+
+    past: tuple[str, ...]
+    present: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, inputs: dict[str, InputInfo], outputs: Sequence[str]) -> CacheLayout | None:
+        """The layout, or None for a graph without a cache."""
+        past, present = [], []
+        while PAST.format(len(past) // 2, "key") in inputs:
+            for kind in ("key", "value"):
+                past.append(PAST.format(len(past) // 2, kind))
+                present.append(PRESENT.format(len(present) // 2, kind))
+        if not past or any(name not in inputs for name in past) or any(name not in outputs for name in present):
+            return None
+        _, kv_heads, _, head_dim = inputs[past[0]].shape
+        return cls(tuple(past), tuple(present), int(kv_heads), int(head_dim))
+
+    def empty(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for name in self.past}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """Special tokens as the export's ``genai_config.json`` records them."""
+
+    eos: tuple[int, ...] = ()
+    pad: int = 0
+
+    @classmethod
+    def beside(cls, graph: Path) -> TokenIds:
+        """From ``genai_config.json`` next to ``graph`` when it describes this graph, else none."""
+        path = graph.with_name(GENAI_CONFIG)
+        try:
+            model = json.loads(path.read_text())["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
+        if not isinstance(model, dict) or model.get("decoder", {}).get("filename") != graph.name:
+            return cls()
+        eos = model.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+        pad = model.get("pad_token_id")
+        return cls(eos, pad if isinstance(pad, int) else (eos[0] if eos else 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: argmax, or a draw after temperature, top-k and top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise FeedError(f"temperature must be > 0, got {self.temperature!r}; use do_sample=False for greedy.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise FeedError(f"top_k must be a positive integer or None, got {self.top_k!r}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise FeedError(f"top_p must be in (0, 1] or None, got {self.top_p!r}.")
+
+    def chooser(self):
+        if not self.do_sample:
+            return lambda logits: logits.argmax(-1)
+        rng = np.random.default_rng(self.seed)
+        return lambda logits: np.array([rng.choice(len(p), p=p) for p in self._probabilities(logits)])
+
+    def _probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """transformers' order: temperature, then top-k, then top-p (the smallest set over top_p)."""
+        scores = logits.astype(np.float64) / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -self.top_k, axis=-1)[:, -self.top_k][:, None]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        if self.top_p is not None and self.top_p < 1:
+            order = np.argsort(-probs, axis=-1)
+            ranked = np.take_along_axis(probs, order, -1)
+            drop = np.zeros(probs.shape, dtype=bool)  # a token goes when the tokens above it reach top_p
+            np.put_along_axis(drop, order, np.cumsum(ranked, -1) - ranked >= self.top_p, -1)
+            probs = np.where(drop, 0.0, probs)
+            probs /= probs.sum(-1, keepdims=True)
+        return probs
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids as transformers' ``generate`` derives them from a left-padded mask."""
+    return np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
+
+
+def check_prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``[batch, prompt]`` ids and a 0/1 mask of the same shape, padded on the left."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
+        raise FeedError(
+            f"input_ids must be integer token ids of shape [batch, prompt], got {ids.dtype.name}{list(ids.shape)}."
+        )
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+        raise FeedError(f"attention_mask must be 0/1 of the prompt's shape {list(ids.shape)}, got {list(mask.shape)}.")
+    if (mask.sum(-1) == 0).any():
+        raise FeedError(f"prompt row {int(np.argmin(mask.sum(-1)))} has no tokens (its mask is all 0).")
+    if (np.diff(mask, axis=-1) < 0).any():
+        row = int(np.argmax((np.diff(mask, axis=-1) < 0).any(-1)))
+        raise FeedError(
+            f"prompt row {row} is padded on the right: generation appends after the last column, so pad on the"
+            " left (tokenizer.padding_side = 'left')."
+        )
+    return ids.astype(np.int64), mask.astype(np.int64)
+
+
+def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, sampling: Sampling,
+           tokens: TokenIds) -> Iterator[np.ndarray]:
+    """Yield the next token of every row, ``[batch]``, up to ``max_new_tokens`` times; rows that
+    produced an eos token get ``tokens.pad`` after it, and the stream ends when every row has.
+    ``step(feeds, past) -> (last logits [batch, vocab], present by past name)``."""
+    choose = sampling.chooser()
+    past = layout.empty(len(ids))
+    running = np.ones(len(ids), dtype=bool)
+    feed_ids = ids
+    for _ in range(max_new_tokens):
+        feeds = {"input_ids": feed_ids, "attention_mask": mask, "position_ids": positions(mask)[:, -feed_ids.shape[1]:]}
+        logits, past = step(feeds, past)
+        chosen = np.where(running, choose(logits), tokens.pad).astype(np.int64)
+        running &= ~np.isin(chosen, tokens.eos)
+        yield chosen
+        if not running.any():
+            return
+        feed_ids = chosen[:, None]
+        mask = np.concatenate([mask, np.ones_like(feed_ids)], axis=1)

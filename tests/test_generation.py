@@ -1,0 +1,222 @@
+"""Generation through a KV-cache graph (``--kv-cache``) against PEFT's own ``generate``: one task, a task
+per row, left-padded prompts, eos; Llama-style (grouped KV heads, rotary) and GPT-2 (Conv1D, learned
+positions) decoders, each exported from PEFT adapter folders with two adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from peft_folders import add_tokenizer, make_adapter, make_base, model_class
+
+from vera_export import VeraExportError
+from vera_export._peft import export_peft
+from vera_runtime import FeedError, VeraSession
+from vera_runtime._device import cuda_problem
+
+TASKS = ("alpha", "beta")
+NEW = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    graph: Path
+    base: Path
+    adapters: dict[str, Path]
+    peft: object  # a PeftModel holding both adapters
+
+    def peft_generate(self, task: str, ids, mask, **options) -> np.ndarray:
+        self.peft.set_adapter(task)
+        options = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, **options}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.peft.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **options)
+        return out.numpy()
+
+
+def _build(tmp_path_factory, family: str, tokenizer: bool) -> Family:
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp(f"generation-{family}")
+    base = make_base(root / "base", family)
+    if tokenizer:
+        add_tokenizer(base, 1000)
+    adapters = {task: make_adapter(root / task, base, family, seed) for seed, task in enumerate(TASKS, 1)}
+    graph = root / "out" / "model.onnx"
+    graph.parent.mkdir()
+    export_peft({t: str(p) for t, p in adapters.items()}, graph, base=base, kv_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = PeftModel.from_pretrained(model_class(family).from_pretrained(base), adapters[TASKS[0]],
+                                         adapter_name=TASKS[0])
+        peft.load_adapter(adapters[TASKS[1]], adapter_name=TASKS[1])
+    peft.get_base_model().generation_config.eos_token_id = None  # no eos unless a test gives one
+    return Family(family, graph, base, adapters, peft.eval())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Family:
+    return _build(tmp_path_factory, "llama", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm(tmp_path_factory) -> Family:
+    return _build(tmp_path_factory, "gpt2", tokenizer=False)
+
+
+@pytest.fixture(params=["llama", "gpt2_lm"])
+def family(request) -> Family:
+    return request.getfixturevalue(request.param)
+
+
+def _session(family: Family) -> VeraSession:
+    session = VeraSession(family.graph, device="cpu")
+    session.load_tasks_beside()
+    return session
+
+
+def _prompts(vocab: int = 1000):
+    """Three rows of 6, 4 and 2 tokens, left-padded with 0."""
+    rng = np.random.default_rng(3)
+    lengths = np.array([6, 4, 2])
+    mask = (np.arange(6)[None] >= 6 - lengths[:, None]).astype(np.int64)
+    return np.where(mask == 1, rng.integers(4, vocab, (3, 6)), 0), mask
+
+
+def test_graph_has_the_genai_layout(llama):
+    graph = onnx.load(llama.graph, load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"] == ["batch", "total_sequence"]
+    assert dims["position_ids"] == ["batch", "sequence"]
+    assert dims["past_key_values.1.value"] == ["batch", 2, "past_sequence", 8]  # 2 KV heads of 4: GQA
+    outputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.output}
+    assert outputs["logits"] == ["batch", "sequence", 1000]
+    assert outputs["present.1.key"] == ["batch", 2, "total_sequence", 8]
+    config = json.loads((llama.graph.parent / "genai_config.json").read_text())["model"]
+    assert config["type"] == "llama" and config["decoder"]["filename"] == "model.onnx"
+    assert (config["decoder"]["num_key_value_heads"], config["decoder"]["num_hidden_layers"]) == (2, 2)
+    assert config["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert (llama.graph.parent / "tokenizer.json").read_bytes() == (llama.base / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_greedy_equals_peft_generate_with_left_padding(family, task):
+    ids, mask = _prompts()
+    expected = family.peft_generate(task, ids, mask)
+    got = _session(family).generate(ids, mask, task=task, max_new_tokens=NEW, eos_token_id=[])
+    np.testing.assert_array_equal(got, expected)
+    other = TASKS[1 - TASKS.index(task)]
+    assert not np.array_equal(expected, family.peft_generate(other, ids, mask))  # the tasks do differ
+
+
+def test_a_task_per_row_equals_each_rows_own_task(family):
+    ids, mask = _prompts()
+    tasks = ["alpha", "beta", "alpha"]
+    got = _session(family).generate(ids, mask, tasks=tasks, max_new_tokens=NEW, eos_token_id=[])
+    for row, task in enumerate(tasks):
+        start = mask[row].argmax()  # the row alone, without padding
+        alone = family.peft_generate(task, ids[row:row + 1, start:], mask[row:row + 1, start:])
+        np.testing.assert_array_equal(got[row, -NEW:], alone[0, -NEW:])
+
+
+def test_eos_ends_rows_and_pads_them_like_peft(family):
+    ids, mask = _prompts()
+    session = _session(family)
+    free = session.generate(ids, mask, task="beta", max_new_tokens=NEW, eos_token_id=[])
+    eos = int(free[0, 6 + 2])  # row 0 ends at its third new token; the others may run on
+    expected = family.peft_generate("beta", ids, mask, eos_token_id=eos)
+    got = session.generate(ids, mask, task="beta", max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[0, 6 + 3:] == 0).all()
+
+
+def test_stream_yields_the_tokens_generate_returns(llama):
+    ids, mask = _prompts()
+    session = _session(llama)
+    steps = list(session.generate_stream(ids, mask, tasks=["beta", "alpha", "beta"], max_new_tokens=5,
+                                         eos_token_id=[]))
+    assert [s.shape for s in steps] == [(3,)] * 5
+    full = session.generate(ids, mask, tasks=["beta", "alpha", "beta"], max_new_tokens=5, eos_token_id=[])
+    np.testing.assert_array_equal(np.stack(steps, 1), full[:, 6:])
+
+
+def test_sampling_is_repeatable_by_seed_and_top_k_1_is_greedy(llama):
+    ids, mask = _prompts()
+    session = _session(llama)
+    options = {"task": "alpha", "max_new_tokens": 8, "eos_token_id": [], "do_sample": True}
+    first = session.generate(ids, mask, seed=1, temperature=2.0, **options)
+    np.testing.assert_array_equal(first, session.generate(ids, mask, seed=1, temperature=2.0, **options))
+    assert not np.array_equal(first, session.generate(ids, mask, seed=2, temperature=2.0, **options))
+    greedy = session.generate(ids, mask, task="alpha", max_new_tokens=8, eos_token_id=[])
+    np.testing.assert_array_equal(session.generate(ids, mask, seed=5, top_k=1, **options), greedy)
+    np.testing.assert_array_equal(session.generate(ids, mask, seed=5, top_p=1e-9, **options), greedy)
+
+
+def test_defaults_come_from_genai_config(llama):
+    session = _session(llama)
+    assert (session.token_ids().eos, session.token_ids().pad) == ((2,), 2)  # no pad id: eos pads, as in transformers
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, i, m: s.generate(i, np.flip(m, 1), task="alpha"), "padded on the right"),
+    (lambda s, i, m: s.generate(i, m, task="alpha", max_new_tokens=100), "exceeds the model's 64 positions"),
+    (lambda s, i, m: s.generate(i, m, tasks=["alpha"]), "give one per row"),
+    (lambda s, i, m: s.generate(i, m, task="gamma"), "task 'gamma' is not loaded"),
+    (lambda s, i, m: s.generate(i[0], m[0], task="alpha"), "shape [batch, prompt]"),
+    (lambda s, i, m: s.generate(i, m * 0, task="alpha"), "has no tokens"),
+    (lambda s, i, m: s.generate(i, m, task="alpha", do_sample=True, temperature=0), "temperature must be > 0"),
+    (lambda s, i, m: s.generate(i, m, task="alpha", max_new_tokens=-1), "max_new_tokens must be"),
+])
+def test_bad_generation_requests_are_refused(gpt2_lm, call, message):
+    ids, mask = _prompts()
+    with pytest.raises(FeedError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(_session(gpt2_lm), ids, mask)
+
+
+def test_a_graph_without_cache_cannot_generate(encoder):
+    session = VeraSession(encoder.result.onnx_path, device="cpu")
+    with pytest.raises(FeedError, match="exported with `vera-export ADAPTER_DIR --kv-cache"):
+        session.generate(np.ones((1, 3), np.int64))
+
+
+def test_kv_cache_refuses_an_encoder(tmp_path):
+    base = make_base(tmp_path / "base", "bert-cls")
+    adapter = make_adapter(tmp_path / "adapter", base, "bert-cls", 1)
+    with pytest.raises(VeraExportError, match="--kv-cache needs a transformers causal LM .* BertForSequence"):
+        export_peft({"a": str(adapter)}, tmp_path / "m.onnx", base=base, kv_cache=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_vera_run_generate_prints_what_peft_generates(llama, capsys):
+    from tokenizers import Tokenizer
+
+    from vera_runtime.cli import main
+
+    prompts = ["w5 w17 w300 w42", "w7 w8"]
+    tokenizer = Tokenizer.from_file(str(llama.base / "tokenizer.json"))
+    assert main(["generate", str(llama.graph), "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--tasks", "alpha,beta", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for line, prompt, task in zip(lines, prompts, ("alpha", "beta"), strict=True):
+        ids = np.array([tokenizer.encode(prompt).ids])
+        new = llama.peft_generate(task, ids, np.ones_like(ids), max_new_tokens=6)[0, ids.shape[1]:]
+        assert line == f"[{task}] {tokenizer.decode(new.tolist(), skip_special_tokens=True)}"
+
+
+@pytest.mark.skipif(cuda_problem() is not None, reason=f"no CUDA here: {cuda_problem()}")
+def test_cuda_generation_keeps_the_cache_on_device_and_matches_cpu(llama):
+    ids, mask = _prompts()
+    cuda = VeraSession(llama.graph, device="cuda")
+    cuda.load_tasks_beside()
+    got = cuda.generate(ids, mask, tasks=["alpha", "beta", "alpha"], max_new_tokens=NEW, eos_token_id=[])
+    expected = _session(llama).generate(ids, mask, tasks=["alpha", "beta", "alpha"], max_new_tokens=NEW,
+                                        eos_token_id=[])
+    np.testing.assert_array_equal(got, expected)
