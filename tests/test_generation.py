@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from vera_runtime._device import cuda_problem
 
 TASKS = ("alpha", "beta")
 NEW = 10
+GENAI_PYTHON = Path(os.environ.get("VERA_GENAI_PYTHON", Path(__file__).parents[1] / ".venv-genai" / "bin" / "python"))
+CI = os.environ.get("CI", "").lower() in ("1", "true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,3 +224,32 @@ def test_cuda_generation_keeps_the_cache_on_device_and_matches_cpu(llama):
     expected = _session(llama).generate(ids, mask, tasks=["alpha", "beta", "alpha"], max_new_tokens=NEW,
                                         eos_token_id=[])
     np.testing.assert_array_equal(got, expected)
+
+
+def _genai_python() -> Path:
+    if not GENAI_PYTHON.is_file():
+        why = (f"no onnxruntime-genai environment at {GENAI_PYTHON}: python3 -m venv .venv-genai &&"
+               " .venv-genai/bin/pip install onnxruntime-genai==0.18.0 (or set VERA_GENAI_PYTHON)")
+        pytest.fail(why) if CI else pytest.skip(why)
+    return GENAI_PYTHON
+
+
+def test_onnxruntime_genai_runs_our_graph_with_our_adapters(family, tmp_path):
+    """og.Model(folder) + og.Adapters with each task's .onnx_adapter, greedy, in onnxruntime-genai's own
+    environment: the tokens are PEFT's. genai's min_length keeps eos out, as PEFT's min_new_tokens does."""
+    python = _genai_python()
+    prompt = [5, 17, 300, 42]
+    adapters = {"": "", **{t: str(family.graph.with_name(f"model.{t}.onnx_adapter")) for t in TASKS}}
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
+    script = Path(__file__).parent / "genai" / "generate.py"
+    done = subprocess.run([str(python), str(script), str(family.graph.parent), str(request)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    eos = json.loads((family.graph.parent / "genai_config.json").read_text())["model"]["eos_token_id"]
+    ids = np.array([prompt])
+    for name, task in (("", TASKS[0]), *((t, t) for t in TASKS)):  # "": no adapter, the graph's default task
+        expected = family.peft_generate(task, ids, np.ones_like(ids), eos_token_id=eos, min_new_tokens=NEW)
+        assert got[name] == expected[0].tolist(), name
+    assert got[TASKS[0]] != got[TASKS[1]]

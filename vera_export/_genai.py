@@ -11,6 +11,9 @@ from ._kv_cache import PAST, PRESENT, CachedCausalLM
 from ._staging import Staging
 
 GENAI_CONFIG = "genai_config.json"
+# onnxruntime-genai's model types that run a graph of this layout as a plain decoder. Its "gpt2" type
+# means another layout (one combined past per layer), so other families get the generic decoder, "llama".
+GENAI_DECODERS = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma", "gemma2", "granite", "olmo")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 
@@ -45,8 +48,9 @@ def genai_config(model: CachedCausalLM, graph_name: str, base: Path) -> dict:
         "num_hidden_layers": layout.layers,
         "num_key_value_heads": layout.kv_heads,
     }
-    return {  # "type": onnxruntime-genai names its decoder families as transformers' model_type does
-        "model": {**_token_ids(base, config), "context_length": context, "decoder": decoder, "type": config.model_type,
+    model_type = config.model_type if config.model_type in GENAI_DECODERS else "llama"
+    return {
+        "model": {**_token_ids(base, config), "context_length": context, "decoder": decoder, "type": model_type,
                   "vocab_size": config.vocab_size},
         "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
