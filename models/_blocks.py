@@ -26,16 +26,25 @@ class Attention(nn.Module):
         return x.view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_cached(x, key_mask, None)[0]
+
+    def forward_cached(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attend over ``past`` keys/values ([batch, heads, past, head_dim]) and x's own; ``key_mask``
+        covers both. Returns the output and the keys/values to keep (past + x's)."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if key_mask is not None:  # [batch, seq] of 0/1: masked keys get a large negative score
+        if key_mask is not None:  # [batch, keys] of 0/1: masked keys get a large negative score
             scores = scores + (1.0 - key_mask[:, None, None, :].to(scores.dtype)) * -1e9
-        if self.causal:
-            seq = x.shape[1]
-            future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(future, -1e9)
+        if self.causal:  # query i sits at position (keys - queries + i): later keys are the future
+            queries, keys = x.shape[1], k.shape[2]
+            at = torch.arange(queries, device=x.device) + (keys - queries)
+            scores = scores.masked_fill(torch.arange(keys, device=x.device)[None, :] > at[:, None], -1e9)
         context = scores.softmax(-1) @ v
-        return self.output(context.transpose(1, 2).reshape(x.shape))
+        return self.output(context.transpose(1, 2).reshape(x.shape)), (k, v)
 
 
 class FeedForward(nn.Module):
@@ -60,8 +69,12 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, d_ff)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x), key_mask)
-        return x + self.ffn(self.norm2(x))
+        return self.forward_cached(x, key_mask, None)[0]
+
+    def forward_cached(self, x, key_mask, past):
+        attended, present = self.attention.forward_cached(self.norm1(x), key_mask, past)
+        x = x + attended
+        return x + self.ffn(self.norm2(x)), present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +102,14 @@ class Transformer(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.hidden_cached(input_ids, key_mask, positions, None)[0]
+
+    def hidden_cached(self, input_ids, key_mask, positions, past):
+        """``hidden`` with explicit positions and a KV cache: ``past`` holds one (keys, values) per block
+        or is None; returns the hidden states and each block's (keys, values) after these tokens."""
         x = self.tokens(input_ids) + self.positions(positions)
-        for block in self.blocks:
-            x = block(x, key_mask)
-        return self.norm(x)
+        present = []
+        for i, block in enumerate(self.blocks):
+            x, kept = block.forward_cached(x, key_mask, None if past is None else past[i])
+            present.append(kept)
+        return self.norm(x), present

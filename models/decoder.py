@@ -28,3 +28,9 @@ class TinyDecoderLM(Transformer):
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.lm_head(self.hidden(input_ids))}
+
+    def forward_cached(self, input_ids, attention_mask, position_ids, past):
+        """One generation step (``vera-export --kv-cache``): logits for the new tokens, and each block's
+        keys and values ``[batch, heads, past + new, head_dim]`` to feed back as ``past``."""
+        hidden, present = self.hidden_cached(input_ids, attention_mask, position_ids, past)
+        return self.lm_head(hidden), present

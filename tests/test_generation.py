@@ -169,6 +169,27 @@ def test_defaults_come_from_genai_config(llama):
     assert (session.token_ids().eos, session.token_ids().pad) == ((2,), 2)  # no pad id: eos pads, as in transformers
 
 
+@pytest.mark.parametrize("target", ["web", "int8"])
+def test_converted_kv_graphs_still_generate_per_task(llama, target, tmp_path):
+    from vera_export import convert
+
+    result = convert(llama.graph, tmp_path / f"model.{target}.onnx", target)
+    assert {a.name for a in result.agreements} >= set(TASKS)  # compared on a past + new split, per task
+    converted = VeraSession(result.path, device="cpu")
+    converted.load_tasks_beside()
+    ids, mask = _prompts()
+    rows = ["alpha", "beta", "beta"]
+    got = converted.generate(ids, mask, tasks=rows, max_new_tokens=NEW, eos_token_id=[])
+    fp32 = _session(llama).generate(ids, mask, tasks=rows, max_new_tokens=NEW, eos_token_id=[])
+    if target == "web":
+        np.testing.assert_array_equal(got, fp32)
+    else:  # int8 weights round differently; the first token of each row is robust on this model
+        assert result.contract.weights == "int8"
+        np.testing.assert_array_equal(got[:, 6], fp32[:, 6])
+    assert not np.array_equal(got[1], converted.generate(ids, mask, tasks=["alpha"] * 3, max_new_tokens=NEW,
+                                                         eos_token_id=[])[1])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda s, i, m: s.generate(i, np.flip(m, 1), task="alpha"), "padded on the right"),
     (lambda s, i, m: s.generate(i, m, task="alpha", max_new_tokens=100), "exceeds the model's 64 positions"),
@@ -194,7 +215,7 @@ def test_a_graph_without_cache_cannot_generate(encoder):
 def test_kv_cache_refuses_an_encoder(tmp_path):
     base = make_base(tmp_path / "base", "bert-cls")
     adapter = make_adapter(tmp_path / "adapter", base, "bert-cls", 1)
-    with pytest.raises(VeraExportError, match="--kv-cache needs a transformers causal LM .* BertForSequence"):
+    with pytest.raises(VeraExportError, match="--kv-cache needs a causal LM .* this model is a BertForSequenceClassification"):
         export_peft({"a": str(adapter)}, tmp_path / "m.onnx", base=base, kv_cache=True)
     assert not (tmp_path / "m.onnx").exists()
 
@@ -224,6 +245,42 @@ def test_cuda_generation_keeps_the_cache_on_device_and_matches_cpu(llama):
     expected = _session(llama).generate(ids, mask, tasks=["alpha", "beta", "alpha"], max_new_tokens=NEW,
                                         eos_token_id=[])
     np.testing.assert_array_equal(got, expected)
+
+
+def _greedy_without_cache(model, ids: np.ndarray, steps: int) -> np.ndarray:
+    """The eager model's own loop: the whole sequence through its forward for every new token."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.from_numpy(ids))["logits"]
+            ids = np.concatenate([ids, logits[:, -1].argmax(-1).numpy()[:, None]], axis=1)
+    return ids
+
+
+def test_our_tiny_decoder_generates_as_its_eager_loop(tmp_path):
+    """This project's decoder (learned positions, tied embeddings) through vera-export's file path:
+    its own forward_cached is traced; tokens equal its eager loop without a cache, per task and per row."""
+    from click.testing import CliRunner
+
+    import vera_models
+    from vera_export import add_task, save_checkpoint
+    from vera_export.cli import main
+
+    models = {task: vera_models.make_task(vera_models.build("tiny-decoder"), seed) for seed, task in
+              enumerate(TASKS, 5)}
+    checkpoint = save_checkpoint(models["alpha"], tmp_path / "decoder.pt", task_name="alpha")
+    result = CliRunner().invoke(main, [str(checkpoint), "--kv-cache", "--out", str(tmp_path / "decoder.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "generation with a task per row" in result.output
+    add_task(models["beta"], tmp_path / "decoder.onnx", "beta")
+    session = VeraSession(tmp_path / "decoder.onnx", device="cpu")
+    session.load_tasks_beside()
+    ids = np.random.default_rng(0).integers(0, 8192, (2, 5))
+    for task, model in models.items():
+        np.testing.assert_array_equal(session.generate(ids, task=task, max_new_tokens=NEW, eos_token_id=[]),
+                                      _greedy_without_cache(model.eval(), ids, NEW))
+    rows = session.generate(ids, tasks=["beta", "alpha"], max_new_tokens=NEW, eos_token_id=[])
+    np.testing.assert_array_equal(rows[0], _greedy_without_cache(models["beta"], ids[:1], NEW)[0])
+    np.testing.assert_array_equal(rows[1], _greedy_without_cache(models["alpha"], ids[1:], NEW)[0])
 
 
 def _genai_python() -> Path:

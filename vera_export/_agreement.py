@@ -38,15 +38,13 @@ def generated_feeds(
     inputs: dict[str, InputInfo], contract: Contract, batch: int, sequence: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Inputs the graph accepts: token ids within the vocabulary, masks of ones, other ints zero,
-    floats normal; ``batch`` rows, other symbolic dimensions ``sequence`` (within the position table)."""
+    floats normal; ``batch`` rows, other symbolic dimensions ``sequence`` (within the position table).
+    A KV-cache graph gets half of ``sequence`` as its past and half as new tokens."""
     rng = np.random.default_rng(seed)
+    sizes = _dim_sizes(inputs, contract, batch, sequence)
     feeds = {}
     for name, info in inputs.items():
-        shape = tuple(
-            dim if isinstance(dim, int) else batch if dim == "batch"
-            else min(sequence, contract.dim_limits.get(str(dim), sequence))
-            for dim in info.shape
-        )
+        shape = tuple(dim if isinstance(dim, int) else sizes.get(str(dim), sequence) for dim in info.shape)
         if info.dtype.kind == "f":
             feeds[name] = rng.standard_normal(shape).astype(info.dtype)
         elif name in contract.input_highs:
@@ -54,6 +52,15 @@ def generated_feeds(
         else:
             feeds[name] = (np.ones if "mask" in name else np.zeros)(shape, dtype=info.dtype)
     return feeds
+
+
+def _dim_sizes(inputs: dict[str, InputInfo], contract: Contract, batch: int, sequence: int) -> dict[str, int]:
+    names = {str(dim) for info in inputs.values() for dim in info.shape if not isinstance(dim, int)}
+    sizes = {name: min(sequence, contract.dim_limits.get(name, sequence)) for name in names} | {"batch": batch}
+    if "past_sequence" in names:  # the mask and present span past + new: total_sequence must add up
+        total = min(sequence, contract.dim_limits.get("total_sequence", sequence))
+        sizes |= {"past_sequence": total // 2, "sequence": total - total // 2, "total_sequence": total}
+    return sizes
 
 
 def compare_outputs(name: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> Check:

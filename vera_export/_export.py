@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -175,16 +176,22 @@ def _require_pass(verification: Verification) -> Verification:
 
 def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) -> Verification | None:
     """Write the graphs (in a scratch folder, where ``check`` runs the first one with its external
-    data) and the task's files, all under staged names: nothing is in place until ``stage.publish()``."""
+    data) and the task's files, all under staged names: nothing is in place until ``stage.publish()``.
+
+    ``graphs`` is emptied once they are written: their transposed weights are a copy of the model's,
+    and ONNX Runtime is about to load a third (a 2.8 GB Llama peaked at 3.2× its weights otherwise)."""
     scratch = stage.scratch()
-    for final, graph in graphs.items():
+    main = next(iter(graphs))
+    while graphs:
+        final, graph = graphs.popitem()
         _save(graph, scratch, final.name)
-    verification = check(scratch / next(iter(graphs)).name) if check else None
+        del graph
+    gc.collect()  # an IR graph is a web of cycles (nodes <-> values): only the collector frees it
+    verification = check(scratch / main.name) if check else None
     pause_for_tests("verify")
-    folder = next(iter(graphs)).parent
     for written in sorted(scratch.iterdir()):
-        os.replace(written, stage.path(folder / written.name))
-    _stage_task(task, folder / next(iter(graphs)).name, stage)
+        os.replace(written, stage.path(main.parent / written.name))
+    _stage_task(task, main, stage)
     return verification
 
 
@@ -205,6 +212,7 @@ def export(
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     hot_template: bool = False,
+    kv_cache: bool = False,
     progress: Callable[[str], None] = lambda message: None,
     staging: Staging | None = None,
 ) -> ExportResult:
@@ -216,10 +224,16 @@ def export(
     one task at merged-graph speed (a second copy of the weights on disk). An export to an existing
     graph replaces its whole set of files: task files of the old graph do not stay beside the new one.
     With ``staging`` (several tasks in one command), the files are staged there for the caller to publish.
+    ``kv_cache`` (causal LMs): a graph for generation, which takes and returns the KV cache
+    (``past_key_values.{i}.key``/``.value`` in, ``present.{i}.…`` out) and sets its inputs itself.
     """
     start = time.perf_counter()
     out = Path(out)
     check_writable(out)
+    if kv_cache:
+        if inputs:
+            raise VeraExportError("--kv-cache sets the graph's inputs itself (the genai layout): drop --input.")
+        model = model if isinstance(model, CachedCausalLM) else CachedCausalLM(model)
     specs = model_input_specs(model, inputs)
     model.eval()
     adapted = find_vera_layers(model, task_name)

@@ -2,8 +2,9 @@
 onnxruntime-genai and Optimum use (``past_key_values.{i}.key`` in, ``present.{i}.key`` out).
 
 The cache tensors are plain graph inputs and outputs. In PyTorch they become a transformers
-``DynamicCache`` around the model's own forward, so the traced graph is the model's own attention
-code: rotary positions, grouped KV heads and masks included.
+``DynamicCache`` around the model's own forward (or go to this project's decoder's
+``forward_cached``), so the traced graph is the model's own attention code: rotary positions,
+grouped KV heads and masks included.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from vera_runtime._generate import PAST, PRESENT
+
 from ._errors import VeraExportError
 from ._inputs import Dim, InputSpec
 
-PAST = "past_key_values.{}.{}"
-PRESENT = "present.{}.{}"
 TOTAL = "total_sequence"  # past_sequence + sequence: the attention mask's length and the present's
 _EXAMPLE = {"batch": 2, "sequence": 3, "past_sequence": 5}  # distinct sizes, all >= 2 (see Dim)
 
@@ -51,8 +52,9 @@ def _language_model(model: nn.Module) -> nn.Module:
         name.endswith("LMHeadModel")
     ):
         raise VeraExportError(
-            f"--kv-cache needs a transformers causal LM (a …ForCausalLM or …LMHeadModel class); this model is a"
-            f" {name}. Export it without --kv-cache, or load its base with --model-class …ForCausalLM."
+            f"--kv-cache needs a causal LM (a transformers …ForCausalLM or …LMHeadModel, or this project's"
+            f" tiny-decoder); this model is a {name}. Export it without --kv-cache, or load a PEFT base with"
+            " --model-class …ForCausalLM."
         )
     return inner
 
@@ -77,21 +79,38 @@ def _transformers_version() -> str:
     return f"transformers {transformers.__version__}"
 
 
-def probe_layout(model: nn.Module) -> CacheLayout:
-    """The cache layout the model really builds: one token through it, with an empty cache."""
+def _step_function(model: nn.Module):
+    """``(input_ids, attention_mask, position_ids, past pairs or None) -> (logits, [(keys, values)])``:
+    the model's own ``forward_cached`` (this project's decoder), else transformers' forward with a
+    ``DynamicCache`` built from the pairs."""
+    if hasattr(model, "forward_cached"):
+        return model.forward_cached
     from transformers.cache_utils import DynamicCache
 
     inner = _language_model(model)
+
+    def step(input_ids, attention_mask, position_ids, pairs):
+        cache = DynamicCache(ddp_cache_data=pairs, config=inner.config) if pairs else DynamicCache(config=inner.config)
+        out, layers = _run_cached(inner, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids)
+        return out.logits, [(layer.keys, layer.values) for layer in layers]
+
+    return step
+
+
+def probe_layout(model: nn.Module) -> CacheLayout:
+    """The cache layout the model really builds: one token through it, with an empty cache."""
+    one = torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad():
-        _, layers = _run_cached(inner, DynamicCache(config=inner.config), input_ids=torch.zeros(1, 1, dtype=torch.long))
-    shapes = {tuple(layer.keys.shape) for layer in layers} | {tuple(layer.values.shape) for layer in layers}
+        _, present = _step_function(model)(one, torch.ones_like(one), one, None)
+    shapes = {tuple(tensor.shape) for pair in present for tensor in pair}
     if len(shapes) != 1:
         raise VeraExportError(
-            f"{type(inner).__name__} keeps caches of different shapes per layer ({sorted(shapes)}): --kv-cache supports"
-            " models with one key/value shape for every layer."
+            f"{type(model).__name__} keeps caches of different shapes per layer ({sorted(shapes)}): --kv-cache"
+            " supports models with one key/value shape for every layer."
         )
     _, kv_heads, _, head_dim = shapes.pop()
-    return CacheLayout(len(layers), kv_heads, head_dim)
+    return CacheLayout(len(present), kv_heads, head_dim)
 
 
 class CachedCausalLM(nn.Module):
@@ -107,7 +126,7 @@ class CachedCausalLM(nn.Module):
         self.wrapped = [model]  # a list: not registered as a child, whose name would prefix every module
         for name, child in model.named_children():
             self.add_module(name, child)
-        self.config = _language_model(model).config
+        self.config = model.config if hasattr(model, "forward_cached") else _language_model(model).config
         self.peft_config = getattr(model, "peft_config", None)
 
     def vera_input_specs(self) -> list[InputSpec]:
@@ -123,15 +142,11 @@ class CachedCausalLM(nn.Module):
         ]
 
     def forward(self, input_ids, attention_mask, position_ids, **past) -> dict[str, torch.Tensor]:
-        from transformers.cache_utils import DynamicCache
-
         names = self.layout.past_names()
         pairs = [(past[names[2 * i]], past[names[2 * i + 1]]) for i in range(self.layout.layers)]
-        inner = _language_model(self.wrapped[0])
-        out, layers = _run_cached(inner, DynamicCache(ddp_cache_data=pairs, config=inner.config),
-                                  input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        present = [tensor for layer in layers for tensor in (layer.keys, layer.values)]
-        return {"logits": out.logits, **dict(zip(self.layout.present_names(), present, strict=True))}
+        logits, present = _step_function(self.wrapped[0])(input_ids, attention_mask, position_ids, pairs)
+        tensors = [tensor for pair in present for tensor in pair]
+        return {"logits": logits, **dict(zip(self.layout.present_names(), tensors, strict=True))}
 
 
 def name_cache_dims(graph: ir.Model) -> None:

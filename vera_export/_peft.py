@@ -168,13 +168,12 @@ def export_peft(
     loaded = load_peft_models(read, base, model_class)
     root: nn.Module = PeftRoot(loaded.model)
     if kv_cache:
-        if options.get("inputs"):
-            raise VeraExportError("--kv-cache sets the graph's inputs itself (the genai layout): drop --input.")
-        root = CachedCausalLM(root)
+        root = CachedCausalLM(root)  # here, not in export(): the genai files below need its layout
     elif not options.get("inputs"):
         options["inputs"] = default_input_specs(loaded.model.get_base_model())
     with Staging(out, replaces_set=True) as staging:  # the graph and every task, published as one set
-        result = export(root, out, task_name=read[0].name, progress=progress, staging=staging, **options)
+        result = export(root, out, task_name=read[0].name, kv_cache=kv_cache, progress=progress, staging=staging,
+                        **options)
         if kv_cache:
             stage_genai_files(root, Path(out), resolve_base(base, read[0]), staging)
         task_files = [result.task_path]

@@ -6,17 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vera_runtime._generate import positions
+
 from ._agreement import Check, compare_outputs
 from ._kv_cache import CachedCausalLM
 
 _PROMPTS = (6, 4)  # two rows, the second left-padded by two
 _DECODE_STEPS = 3
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids as transformers' ``generate`` derives them from a left-padded mask."""
-    ids = np.cumsum(mask, axis=-1) - 1
-    return np.where(mask == 0, 1, ids).astype(np.int64)
 
 
 def _prompt(vocab: int) -> tuple[np.ndarray, np.ndarray]:

@@ -100,8 +100,9 @@ def main() -> None:
               help="PEFT adapters: another adapter over the same base, written as task NAME. Repeatable.")
 @click.option("--model-class", help=_MODEL_CLASS_HELP)
 @click.option("--kv-cache", is_flag=True,
-              help="PEFT causal LMs: a graph with a KV cache for generation (inputs past_key_values.N.key/value,"
-                   " outputs present.N.key/value), plus genai_config.json and the base's tokenizer files.")
+              help="Causal LMs: a graph with a KV cache for generation (inputs past_key_values.N.key/value,"
+                   " outputs present.N.key/value); PEFT folders also get genai_config.json and the base's"
+                   " tokenizer files.")
 @_errors_as_messages
 def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, hot_template, trust_pickle,
                    base, more_tasks, model_class, kv_cache) -> None:
@@ -115,18 +116,18 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     check_writable(Path(out))  # before a model that may take minutes to load
     progress = _progress(time.perf_counter())
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
-               "hot_template": hot_template}
+               "hot_template": hot_template, "kv_cache": kv_cache}
     if _is_adapter_folder(model_path):
         from ._peft import export_peft
 
         adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_tasks)
-        peft_result = export_peft(adapters, out, base=base, model_class=model_class, kv_cache=kv_cache,
-                                  progress=progress, **{k: v for k, v in options.items() if v is not None})
+        peft_result = export_peft(adapters, out, base=base, model_class=model_class, progress=progress,
+                                  **{k: v for k, v in options.items() if v is not None})
         result = peft_result.export
         for note in peft_result.notes:
             click.echo(f"Note: {note}", err=True)
     else:
-        _refuse_peft_options(base=base, task=more_tasks, model_class=model_class, kv_cache=kv_cache)
+        _refuse_peft_options(base=base, task=more_tasks, model_class=model_class)
         from ._checkpoint import load_model
         from ._export import export
 
