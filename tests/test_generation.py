@@ -164,6 +164,40 @@ def test_sampling_is_repeatable_by_seed_and_top_k_1_is_greedy(llama):
     np.testing.assert_array_equal(session.generate(ids, mask, seed=5, top_p=1e-9, **options), greedy)
 
 
+def test_a_sliding_window_bounds_the_graph_where_it_stays_exact(tmp_path):
+    """Mistral with a 16-token window: transformers crops its cache past the window, this layout does
+    not, so the graph is exact (and accepted) up to 15 tokens in all, and generation beyond is refused."""
+    from peft import PeftModel
+
+    base = make_base(tmp_path / "base", "mistral", sliding_window=16)
+    adapter = make_adapter(tmp_path / "adapter", base, "mistral", 1)
+    export_peft({"a": str(adapter)}, tmp_path / "m.onnx", base=base, kv_cache=True)
+    session = VeraSession(tmp_path / "m.onnx", device="cpu")
+    assert session.contract.dim_limits["total_sequence"] == 15
+    assert json.loads((tmp_path / "genai_config.json").read_text())["model"]["context_length"] == 15
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = PeftModel.from_pretrained(model_class("mistral").from_pretrained(base), adapter).eval()
+    peft.get_base_model().generation_config.eos_token_id = None
+    ids, mask = _prompts()
+    with torch.no_grad():
+        expected = peft.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=9,
+                                 do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(session.generate(ids, mask, max_new_tokens=9, eos_token_id=[]), expected)
+    with pytest.raises(FeedError, match="exceeds the model's 15 positions"):
+        session.generate(ids, mask, max_new_tokens=10)
+
+
+def test_task_files_of_the_logits_only_graph_fit(llama, tmp_path):
+    """Same model, same fingerprint: a task file written beside the graph without a cache loads here."""
+    plain = export_peft({"alpha": str(llama.adapters["alpha"])}, tmp_path / "plain.onnx", base=llama.base)
+    session = _session(llama)
+    session.load_task("from-plain", plain.export.task_path)
+    ids, mask = _prompts()
+    np.testing.assert_array_equal(session.generate(ids, mask, task="from-plain", max_new_tokens=4),
+                                  session.generate(ids, mask, task="alpha", max_new_tokens=4))
+
+
 def test_defaults_come_from_genai_config(llama):
     session = _session(llama)
     assert (session.token_ids().eos, session.token_ids().pad) == ((2,), 2)  # no pad id: eos pads, as in transformers
@@ -215,7 +249,7 @@ def test_a_graph_without_cache_cannot_generate(encoder):
 def test_kv_cache_refuses_an_encoder(tmp_path):
     base = make_base(tmp_path / "base", "bert-cls")
     adapter = make_adapter(tmp_path / "adapter", base, "bert-cls", 1)
-    with pytest.raises(VeraExportError, match="--kv-cache needs a causal LM .* this model is a BertForSequenceClassification"):
+    with pytest.raises(VeraExportError, match="--kv-cache needs a causal LM .* a BertForSequenceClassification"):
         export_peft({"a": str(adapter)}, tmp_path / "m.onnx", base=base, kv_cache=True)
     assert not (tmp_path / "m.onnx").exists()
 

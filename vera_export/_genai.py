@@ -35,6 +35,8 @@ def _token_ids(base: Path, config) -> dict[str, int | list[int] | None]:
 def genai_config(model: CachedCausalLM, graph_name: str, base: Path) -> dict:
     config, layout = model.config, model.layout
     context = next((getattr(config, f) for f in ("max_position_embeddings", "n_positions") if hasattr(config, f)), None)
+    if layout.window:  # the graph is exact below a sliding window only (see _kv_cache)
+        context = min(context or layout.window, layout.window - 1)
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": graph_name,

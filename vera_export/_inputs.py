@@ -26,11 +26,13 @@ class Dim:
     """A symbolic dimension and the size it is traced at (at least 2: torch.export fixes 0 and 1).
 
     ``derived``: a size that follows from other dimensions (a KV cache's ``past + sequence``), which
-    torch.export must infer rather than be told it is free; the caller names it in the graph."""
+    torch.export must infer rather than be told it is free; the caller names it in the graph.
+    ``high``: the largest size the graph is exact for (a sliding-window cache), recorded in the contract."""
 
     name: str
     example: int
     derived: bool = False
+    high: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,6 @@ def dynamic_shapes(specs: list[InputSpec]) -> list[dict]:
             if isinstance(dim, Dim) and dim.derived:
                 axes[axis] = torch.export.Dim.AUTO
             elif isinstance(dim, Dim):
-                axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=1))
+                axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=1, max=dim.high))
         shapes.append(axes)
     return shapes

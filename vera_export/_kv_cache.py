@@ -32,6 +32,7 @@ class CacheLayout:
     layers: int
     kv_heads: int
     head_dim: int
+    window: int | None = None  # a sliding-window cache: the graph is exact while the total stays below it
 
     def past_names(self) -> list[str]:
         return [PAST.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
@@ -110,7 +111,22 @@ def probe_layout(model: nn.Module) -> CacheLayout:
             " supports models with one key/value shape for every layer."
         )
     _, kv_heads, _, head_dim = shapes.pop()
-    return CacheLayout(len(present), kv_heads, head_dim)
+    return CacheLayout(len(present), kv_heads, head_dim, _sliding_window(model))
+
+
+def _sliding_window(model: nn.Module) -> int | None:
+    """The smallest sliding window among transformers' cache layers (Mistral: 4096), else None.
+
+    Up to the window, sliding attention sees every key, so the graph equals full attention; past it,
+    transformers crops its cache, which this layout does not, so the graph is bounded there."""
+    if hasattr(model, "forward_cached"):
+        return None
+    from transformers.cache_utils import DynamicCache
+
+    inner = _language_model(model)
+    windows = [layer.sliding_window for layer in DynamicCache(config=inner.config).layers
+               if getattr(layer, "is_sliding", False)]
+    return min(windows) if windows else None
 
 
 class CachedCausalLM(nn.Module):
@@ -130,8 +146,11 @@ class CachedCausalLM(nn.Module):
         self.peft_config = getattr(model, "peft_config", None)
 
     def vera_input_specs(self) -> list[InputSpec]:
-        batch, sequence, past = (Dim(name, size) for name, size in _EXAMPLE.items())
-        total = Dim(TOTAL, _EXAMPLE["sequence"] + _EXAMPLE["past_sequence"], derived=True)
+        batch, sequence = Dim("batch", _EXAMPLE["batch"]), Dim("sequence", _EXAMPLE["sequence"])
+        window = self.layout.window
+        past = Dim("past_sequence", _EXAMPLE["past_sequence"], high=window - 2 if window else None)
+        total = Dim(TOTAL, _EXAMPLE["sequence"] + _EXAMPLE["past_sequence"], derived=True,
+                    high=window - 1 if window else None)  # transformers' sliding cache keeps window - 1
         vocab = self.config.vocab_size
         cache = (batch, self.layout.kv_heads, past, self.layout.head_dim)
         return [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._inputs import InputSpec
+from ._inputs import Dim, InputSpec
 
 _TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
 _POSITION_FIELDS = ("max_positions", "n_positions", "max_position_embeddings")
@@ -33,7 +33,14 @@ def _learns_positions(model: nn.Module) -> bool:
 
 
 def dim_limits(model: nn.Module, specs: list[InputSpec]) -> dict[str, int]:
-    """Symbolic dimensions bounded by a learned position table, and their bound."""
+    """Symbolic dimensions bounded by a learned position table or by their spec, and their bound."""
+    limits = _position_limits(model, specs)
+    for dim in (d for spec in specs for d in spec.dims if isinstance(d, Dim) and d.high is not None):
+        limits[dim.name] = min(limits.get(dim.name, dim.high), dim.high)
+    return limits
+
+
+def _position_limits(model: nn.Module, specs: list[InputSpec]) -> dict[str, int]:
     config = model_config(model)
     if config is None or not _learns_positions(model):
         return {}
