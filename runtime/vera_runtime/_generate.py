@@ -67,6 +67,12 @@ class TokenIds:
         pad = model.get("pad_token_id")
         return cls(eos, pad if isinstance(pad, int) else (eos[0] if eos else 0))
 
+    def overridden(self, eos: int | Sequence[int] | None, pad: int | None) -> TokenIds:
+        """These ids, with the caller's ``eos`` (one id or several; ``[]``: none) and ``pad`` where given."""
+        if eos is not None:
+            eos = tuple(eos) if isinstance(eos, Sequence) else (eos,)
+        return TokenIds(self.eos if eos is None else tuple(int(e) for e in eos), self.pad if pad is None else int(pad))
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -113,6 +119,45 @@ class Sampling:
 def positions(mask: np.ndarray) -> np.ndarray:
     """Position ids as transformers' ``generate`` derives them from a left-padded mask."""
     return np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
+
+
+def check_length(ids: np.ndarray, max_new_tokens, limit: int | None) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise FeedError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise FeedError(
+            f"a prompt of {ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds the model's {limit}"
+            " positions: shorten the prompt or lower max_new_tokens."
+        )
+
+
+def cache_step(session, layout: CacheLayout, lambdas: dict, on_device: bool):
+    """One forward with the cache: ``(feeds, past) -> (last position's logits, present by past name)``.
+    ``on_device`` (CUDA): the cache stays on the GPU between steps (IOBinding); only logits come back."""
+    names = ["logits", *layout.present]
+
+    def on_cpu(feeds, past):
+        logits, *present = session.run(names, {**feeds, **past, **lambdas})
+        return logits[:, -1], dict(zip(layout.past, present, strict=True))
+
+    def on_cuda(feeds, past):
+        import onnxruntime as ort
+
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in past.items():  # numpy only for the first step's empty cache
+            (binding.bind_ortvalue_input if isinstance(value, ort.OrtValue) else binding.bind_cpu_input)(name, value)
+        for name, value in lambdas.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in layout.present:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy()[:, -1], dict(zip(layout.past, present, strict=True))
+
+    return on_cuda if on_device else on_cpu
 
 
 def check_prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:

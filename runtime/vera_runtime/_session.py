@@ -18,7 +18,7 @@ from ._contract import Contract
 from ._device import create_session
 from ._errors import FeedError
 from ._feeds import InputInfo, check_feeds
-from ._generate import CacheLayout, Sampling, TokenIds, check_prompt, stream
+from ._generate import CacheLayout, Sampling, TokenIds, cache_step, check_length, check_prompt, stream
 from ._io import file_problem, finish_publish
 from ._loaders import load_any_task
 from ._taskfile import TaskFileError, check_task_name, task_files_beside
@@ -300,11 +300,30 @@ class VeraSession:
 
     # -- generation ----------------------------------------------------------------------
 
-    def generate(self, input_ids, attention_mask=None, **options) -> np.ndarray:
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        task: str | None = None,
+        tasks: Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
         """Generate up to ``max_new_tokens`` tokens after each prompt row; returns ``[batch, prompt + new]``
-        token ids, rows that ended early (eos) padded with the pad id. Options as ``generate_stream``."""
+        token ids, rows that ended early (eos) padded with the pad id. Arguments as ``generate_stream``."""
         ids, _ = check_prompt(input_ids, attention_mask)
-        new = list(self.generate_stream(input_ids, attention_mask, **options))
+        new = list(self.generate_stream(
+            input_ids, attention_mask, task=task, tasks=tasks, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            seed=seed,
+        ))
         return np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids
 
     def generate_stream(
@@ -332,63 +351,20 @@ class VeraSession:
                 " `vera-export ADAPTER_DIR --kv-cache --out FILE.onnx`."
             )
         _check_choice(task, tasks, None)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise FeedError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
         ids, mask = check_prompt(input_ids, attention_mask)
-        self._check_length(ids, max_new_tokens)
+        check_length(ids, max_new_tokens, self.contract.dim_limits.get("total_sequence"))
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        tokens = self._token_ids(eos_token_id, pad_token_id)
+        tokens = self.token_ids().overridden(eos_token_id, pad_token_id)
         with self._lock:
             lambdas = self._lambdas(task, tasks, len(ids))
         check_feeds({"input_ids": ids, "attention_mask": mask, "position_ids": ids, **self.cache.empty(len(ids))},
                     self._inputs, self._task_inputs, self.contract)
-        return stream(self._cache_step(lambdas), self.cache, ids, mask, max_new_tokens, sampling, tokens)
-
-    def _check_length(self, ids: np.ndarray, max_new_tokens: int) -> None:
-        limit = self.contract.dim_limits.get("total_sequence")
-        if limit is not None and ids.shape[1] + max_new_tokens > limit:
-            raise FeedError(
-                f"a prompt of {ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds the model's"
-                f" {limit} positions: shorten the prompt or lower max_new_tokens."
-            )
+        step = cache_step(self._session, self.cache, lambdas, on_device=self.device == "cuda")
+        return stream(step, self.cache, ids, mask, max_new_tokens, sampling, tokens)
 
     def token_ids(self) -> TokenIds:
         """eos and pad ids from the genai_config.json exported beside the graph (none when absent)."""
         return TokenIds.beside(self.model_path)
-
-    def _token_ids(self, eos, pad) -> TokenIds:
-        beside = self.token_ids()
-        eos = beside.eos if eos is None else tuple(eos) if isinstance(eos, Sequence) else (eos,)
-        return TokenIds(tuple(int(e) for e in eos), beside.pad if pad is None else int(pad))
-
-    def _cache_step(self, lambdas: dict):
-        """One forward with the cache: (last position's logits, present by past name). On CUDA the
-        cache stays on the device between steps (IOBinding); only the logits come back."""
-        layout, names = self.cache, ["logits", *self.cache.present]
-
-        def on_cpu(feeds, past):
-            logits, *present = self._session.run(names, {**feeds, **past, **lambdas})
-            return logits[:, -1], dict(zip(layout.past, present, strict=True))
-
-        def on_cuda(feeds, past):
-            binding = self._session.io_binding()
-            for name, array in feeds.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(array))
-            for name, value in past.items():
-                if isinstance(value, ort.OrtValue):
-                    binding.bind_ortvalue_input(name, value)
-                else:
-                    binding.bind_cpu_input(name, value)
-            for name, value in lambdas.items():
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_output("logits", "cpu")
-            for name in layout.present:
-                binding.bind_output(name, "cuda")
-            self._session.run_with_iobinding(binding)
-            logits, *present = binding.get_outputs()
-            return logits.numpy()[:, -1], dict(zip(layout.past, present, strict=True))
-
-        return on_cuda if self.device == "cuda" else on_cpu
 
     def _row_lambdas(self, tasks: tuple[str, ...]) -> dict:
         if self.device == "cuda" and tasks in self._rows:
