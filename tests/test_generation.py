@@ -188,6 +188,22 @@ def test_a_sliding_window_bounds_the_graph_where_it_stays_exact(tmp_path):
         session.generate(ids, mask, max_new_tokens=10)
 
 
+def test_hot_template_generates_the_same_tokens(llama, tmp_path, monkeypatch):
+    """--hot-template with --kv-cache: a specialised task generates from the merged graph, same tokens."""
+    graph = tmp_path / "model.onnx"
+    export_peft({t: str(p) for t, p in llama.adapters.items()}, graph, base=llama.base, kv_cache=True,
+                hot_template=True)
+    session = VeraSession(graph, device="cpu", hot_tasks=1)
+    session.load_tasks_beside()
+    ids, mask = _prompts()
+    factored = session.generate(ids, mask, task="beta", max_new_tokens=NEW, eos_token_id=[])
+    session.specialize("beta").result()
+    assert session.hot == ("beta",)
+    monkeypatch.setattr(session, "_session", None)  # the factored session must not run now
+    np.testing.assert_array_equal(session.generate(ids, mask, task="beta", max_new_tokens=NEW, eos_token_id=[]),
+                                  factored)
+
+
 def test_task_files_of_the_logits_only_graph_fit(llama, tmp_path):
     """Same model, same fingerprint: a task file written beside the graph without a cache loads here."""
     plain = export_peft({"alpha": str(llama.adapters["alpha"])}, tmp_path / "plain.onnx", base=llama.base)

@@ -355,11 +355,13 @@ class VeraSession:
         check_length(ids, max_new_tokens, self.contract.dim_limits.get("total_sequence"))
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         tokens = self.token_ids().overridden(eos_token_id, pad_token_id)
-        with self._lock:
-            lambdas = self._lambdas(task, tasks, len(ids))
+        with self._lock:  # a task served hot (--hot-template) generates at merged-graph speed too
+            hot = self._hot_for(task, tasks)
+            lambdas = {} if hot else self._lambdas(task, tasks, len(ids))
         check_feeds({"input_ids": ids, "attention_mask": mask, "position_ids": ids, **self.cache.empty(len(ids))},
                     self._inputs, self._task_inputs, self.contract)
-        step = cache_step(self._session, self.cache, lambdas, on_device=self.device == "cuda")
+        session = hot.session if hot else self._session
+        step = cache_step(session, self.cache, lambdas, on_device=self.device == "cuda")
         return stream(step, self.cache, ids, mask, max_new_tokens, sampling, tokens)
 
     def token_ids(self) -> TokenIds:
