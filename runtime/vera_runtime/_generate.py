@@ -54,17 +54,15 @@ class TokenIds:
 
     @classmethod
     def beside(cls, graph: Path) -> TokenIds:
-        """From ``genai_config.json`` next to ``graph`` when it describes this graph, else none."""
-        path = graph.with_name(GENAI_CONFIG)
+        """From the ``genai_config.json`` in the graph's folder (the export's, which its converted forms
+        share: onnxruntime-genai keeps one model per folder), else none."""
         try:
-            model = json.loads(path.read_text())["model"]
-        except (OSError, ValueError, KeyError, TypeError):
+            model = json.loads(graph.with_name(GENAI_CONFIG).read_text())["model"]
+            eos, pad = model.get("eos_token_id"), model.get("pad_token_id")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return cls()
-        if not isinstance(model, dict) or model.get("decoder", {}).get("filename") != graph.name:
-            return cls()
-        eos = model.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
-        pad = model.get("pad_token_id")
+        eos = tuple(e for e in eos if isinstance(e, int)) if isinstance(eos, list) else (
+            (eos,) if isinstance(eos, int) else ())
         return cls(eos, pad if isinstance(pad, int) else (eos[0] if eos else 0))
 
     def overridden(self, eos: int | Sequence[int] | None, pad: int | None) -> TokenIds:
