@@ -333,6 +333,23 @@ def test_our_tiny_decoder_generates_as_its_eager_loop(tmp_path):
     np.testing.assert_array_equal(rows[1], _greedy_without_cache(models["alpha"], ids[1:], NEW)[0])
 
 
+def test_a_cache_path_that_drifts_from_pytorch_refuses_the_export(tmp_path, monkeypatch):
+    """The export's generation checks are enforced: ORT's decode steps, made to drift, stop the export."""
+    import vera_models
+    from vera_export import _verify_cache, export
+
+    real = _verify_cache._ort_run
+
+    def drifting(session, lambdas):
+        run = real(session, lambdas)
+        return lambda feeds: {k: v + 0.1 if feeds["input_ids"].shape[1] == 1 else v for k, v in run(feeds).items()}
+
+    monkeypatch.setattr(_verify_cache, "_ort_run", drifting)
+    with pytest.raises(VeraExportError, match="ONNX Runtime differs from PyTorch on 'generation"):
+        export(vera_models.make_task(vera_models.build("tiny-decoder"), 1), tmp_path / "m.onnx", kv_cache=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def _genai_python() -> Path:
     if not GENAI_PYTHON.is_file():
         why = (f"no onnxruntime-genai environment at {GENAI_PYTHON}: python3 -m venv .venv-genai &&"

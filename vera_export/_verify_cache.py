@@ -48,6 +48,15 @@ def _torch_run(model: CachedCausalLM):
     return run
 
 
+def _ort_run(session, lambdas: dict[str, np.ndarray]):
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {**feeds, **lambdas}), strict=True))
+
+    return run
+
+
 def _flat(steps: list[dict]) -> dict[str, np.ndarray]:
     return {f"step {i} {name}": value for i, out in enumerate(steps) for name, value in out.items()}
 
@@ -56,12 +65,7 @@ def generation_check(name: str, model: CachedCausalLM, session, lambdas: dict[st
     """Prefill plus decode steps of ONNX Runtime (with ``lambdas`` fed) against the PyTorch model as
     its parameters stand; both are fed PyTorch's greedy tokens."""
     expected, tokens = _steps(_torch_run(model), model, None)
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feeds):
-        return dict(zip(names, session.run(names, {**feeds, **lambdas}), strict=True))
-
-    got, _ = _steps(run, model, tokens)
+    got, _ = _steps(_ort_run(session, lambdas), model, tokens)
     return compare_outputs(name, _flat(got), _flat(expected))
 
 
@@ -75,12 +79,7 @@ def mixed_generation_check(name: str, model: CachedCausalLM, session, rows: list
     tokens = [np.concatenate([ref[1][step][i:i + 1] for i, ref in enumerate(references)])
               for step in range(_DECODE_STEPS + 1)]
     mixed = {key: np.concatenate([lambdas[key] for lambdas, _ in rows]) for key in rows[0][0]}
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feeds):
-        return dict(zip(names, session.run(names, {**feeds, **mixed}), strict=True))
-
-    got, _ = _steps(run, model, tokens)
+    got, _ = _steps(_ort_run(session, mixed), model, tokens)
     expected = [{key: np.concatenate([ref[0][step][key][i:i + 1] for i, ref in enumerate(references)])
                  for key in got[step]} for step in range(len(got))]
     return compare_outputs(name, _flat(got), _flat(expected))
