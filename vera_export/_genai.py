@@ -7,10 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
-from ._kv_cache import PAST, PRESENT, CachedCausalLM
+from vera_runtime import Contract
+from vera_runtime._generate import GENAI_CONFIG, PAST, PRESENT
+
+from ._kv_cache import TOTAL, CachedCausalLM
+from ._limits import declared_positions
 from ._staging import Staging
 
-GENAI_CONFIG = "genai_config.json"
 # onnxruntime-genai's model types that run a graph of this layout as a plain decoder. Its "gpt2" type
 # means another layout (one combined past per layer), so other families get the generic decoder, "llama".
 GENAI_DECODERS = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma", "gemma2", "granite", "olmo")
@@ -32,11 +35,10 @@ def _token_ids(base: Path, config) -> dict[str, int | list[int] | None]:
     return ids
 
 
-def genai_config(model: CachedCausalLM, graph_name: str, base: Path) -> dict:
+def genai_config(model: CachedCausalLM, graph_name: str, base: Path, contract: Contract) -> dict:
     config, layout = model.config, model.layout
-    context = next((getattr(config, f) for f in ("max_position_embeddings", "n_positions") if hasattr(config, f)), None)
-    if layout.window:  # the graph is exact below a sliding window only (see _kv_cache)
-        context = min(context or layout.window, layout.window - 1)
+    # the positions the model declares, within the bound the graph records (a sliding window's)
+    context = min(filter(None, (declared_positions(config), contract.dim_limits.get(TOTAL))), default=None)
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": graph_name,
@@ -61,10 +63,10 @@ def genai_config(model: CachedCausalLM, graph_name: str, base: Path) -> dict:
     }
 
 
-def stage_genai_files(model: CachedCausalLM, graph: Path, base: Path, stage: Staging) -> list[Path]:
+def stage_genai_files(model: CachedCausalLM, graph: Path, base: Path, contract: Contract, stage: Staging) -> list[Path]:
     """Stage ``genai_config.json`` and the base folder's tokenizer files beside ``graph``."""
     config_path = graph.with_name(GENAI_CONFIG)
-    text = json.dumps(genai_config(model, graph.name, base), indent=2)
+    text = json.dumps(genai_config(model, graph.name, base, contract), indent=2)
     stage.path(config_path).write_text(text + "\n")
     written = [config_path]
     for name in TOKENIZER_FILES:

@@ -9,39 +9,19 @@ grouped KV heads and masks included.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 import onnx_ir as ir
 import torch
 from torch import nn
 
-from vera_runtime._generate import PAST, PRESENT
+from vera_runtime._generate import CacheLayout
 
 from ._errors import VeraExportError
 from ._inputs import Dim, InputSpec
 
 TOTAL = "total_sequence"  # past_sequence + sequence: the attention mask's length and the present's
 _EXAMPLE = {"batch": 2, "sequence": 3, "past_sequence": 5}  # distinct sizes, all >= 2 (see Dim)
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheLayout:
-    """The cache a model keeps per layer: ``[batch, kv_heads, positions, head_dim]`` keys and values."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    window: int | None = None  # a sliding-window cache: the graph is exact while the total stays below it
-
-    def past_names(self) -> list[str]:
-        return [PAST.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        return [PRESENT.format(i, kind) for i in range(self.layers) for kind in ("key", "value")]
-
-    def empty(self, batch: int) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros(batch, self.kv_heads, 0, self.head_dim) for name in self.past_names()}
 
 
 def _language_model(model: nn.Module) -> nn.Module:
@@ -111,7 +91,7 @@ def probe_layout(model: nn.Module) -> CacheLayout:
             " supports models with one key/value shape for every layer."
         )
     _, kv_heads, _, head_dim = shapes.pop()
-    return CacheLayout(len(present), kv_heads, head_dim, _sliding_window(model))
+    return CacheLayout.of_layers(len(present), kv_heads, head_dim)
 
 
 def _sliding_window(model: nn.Module) -> int | None:
@@ -139,6 +119,7 @@ class CachedCausalLM(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.layout = probe_layout(model)
+        self.window = _sliding_window(model)  # a sliding-window cache: the graph is exact below it
         self.wrapped = [model]  # a list: not registered as a child, whose name would prefix every module
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -147,7 +128,7 @@ class CachedCausalLM(nn.Module):
 
     def vera_input_specs(self) -> list[InputSpec]:
         batch, sequence = Dim("batch", _EXAMPLE["batch"]), Dim("sequence", _EXAMPLE["sequence"])
-        window = self.layout.window
+        window = self.window
         past = Dim("past_sequence", _EXAMPLE["past_sequence"], high=window - 2 if window else None)
         total = Dim(TOTAL, _EXAMPLE["sequence"] + _EXAMPLE["past_sequence"], derived=True,
                     high=window - 1 if window else None)  # transformers' sliding cache keeps window - 1
@@ -157,15 +138,15 @@ class CachedCausalLM(nn.Module):
             InputSpec("input_ids", "int64", (batch, sequence), vocab),
             InputSpec("attention_mask", "int64", (batch, total), 2),
             InputSpec("position_ids", "int64", (batch, sequence), _EXAMPLE["past_sequence"]),
-            *(InputSpec(name, "float32", cache) for name in self.layout.past_names()),
+            *(InputSpec(name, "float32", cache) for name in self.layout.past),
         ]
 
     def forward(self, input_ids, attention_mask, position_ids, **past) -> dict[str, torch.Tensor]:
-        names = self.layout.past_names()
-        pairs = [(past[names[2 * i]], past[names[2 * i + 1]]) for i in range(self.layout.layers)]
+        names = self.layout.past
+        pairs = [(past[key], past[value]) for key, value in zip(names[::2], names[1::2], strict=True)]
         logits, present = _step_function(self.wrapped[0])(input_ids, attention_mask, position_ids, pairs)
         tensors = [tensor for pair in present for tensor in pair]
-        return {"logits": logits, **dict(zip(self.layout.present_names(), tensors, strict=True))}
+        return {"logits": logits, **dict(zip(self.layout.present, tensors, strict=True))}
 
 
 def name_cache_dims(graph: ir.Model) -> None:

@@ -40,6 +40,11 @@ def dim_limits(model: nn.Module, specs: list[InputSpec]) -> dict[str, int]:
     return limits
 
 
+def declared_positions(config, fields=_POSITION_FIELDS) -> int | None:
+    """The number of positions a config declares (the first of ``fields`` that is an integer)."""
+    return next((getattr(config, f) for f in fields if isinstance(getattr(config, f, None), int)), None)
+
+
 def _position_limits(model: nn.Module, specs: list[InputSpec]) -> dict[str, int]:
     config = model_config(model)
     if config is None or not _learns_positions(model):
@@ -48,7 +53,7 @@ def _position_limits(model: nn.Module, specs: list[InputSpec]) -> dict[str, int]
     offset = getattr(config, "pad_token_id", 0) + 1 if getattr(config, "model_type", "") in _PADDED_POSITIONS else 0
     limits = {}
     for dim, fields in _SEQUENCE_FIELDS.items():
-        value = next((getattr(config, f) for f in fields if isinstance(getattr(config, f, None), int)), None)
+        value = declared_positions(config, fields)
         if dim in dims and value:
             limits[dim] = value - offset
     return limits

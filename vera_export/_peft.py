@@ -175,7 +175,7 @@ def export_peft(
         result = export(root, out, task_name=read[0].name, kv_cache=kv_cache, progress=progress, staging=staging,
                         **options)
         if kv_cache:
-            stage_genai_files(root, Path(out), resolve_base(base, read[0]), staging)
+            stage_genai_files(root, Path(out), resolve_base(base, read[0]), result.contract, staging)
         task_files = [result.task_path]
         for adapter in read[1:]:
             loaded.model.set_adapter(adapter.name)

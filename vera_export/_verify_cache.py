@@ -27,7 +27,7 @@ def _steps(run, model: CachedCausalLM, tokens: list[np.ndarray] | None) -> tuple
     """Prefill and decode with ``run(feeds) -> outputs``; the next tokens are ``tokens`` when given
     (so both sides see the same ones), else each step's argmax. Returns every step's outputs."""
     ids, mask = _prompt(model.config.vocab_size)
-    past = {name: value.numpy() for name, value in model.layout.empty(len(ids)).items()}
+    past = model.layout.empty(len(ids))
     outputs, chosen = [], []
     for step in range(_DECODE_STEPS + 1):
         out = run({"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)[:, -ids.shape[1]:],
@@ -35,7 +35,7 @@ def _steps(run, model: CachedCausalLM, tokens: list[np.ndarray] | None) -> tuple
         outputs.append(out)
         chosen.append(tokens[step] if tokens else out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64))
         ids, mask = chosen[-1], np.concatenate([mask, np.ones_like(chosen[-1])], axis=1)
-        past = {p: out[q] for p, q in zip(model.layout.past_names(), model.layout.present_names(), strict=True)}
+        past = {p: out[q] for p, q in zip(model.layout.past, model.layout.present, strict=True)}
     return outputs, chosen
 
 

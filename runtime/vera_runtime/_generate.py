@@ -29,17 +29,27 @@ class CacheLayout:
     head_dim: int
 
     @classmethod
+    def of_layers(cls, layers: int, kv_heads: int, head_dim: int) -> CacheLayout:
+        names = [(i, kind) for i in range(layers) for kind in ("key", "value")]
+        return cls(tuple(PAST.format(*n) for n in names), tuple(PRESENT.format(*n) for n in names), kv_heads, head_dim)
+
+    @classmethod
     def of(cls, inputs: dict[str, InputInfo], outputs: Sequence[str]) -> CacheLayout | None:
-        """The layout, or None for a graph without a cache."""
-        past, present = [], []
-        while PAST.format(len(past) // 2, "key") in inputs:
-            for kind in ("key", "value"):
-                past.append(PAST.format(len(past) // 2, kind))
-                present.append(PRESENT.format(len(present) // 2, kind))
-        if not past or any(name not in inputs for name in past) or any(name not in outputs for name in present):
+        """The layout of a graph's inputs and outputs, or None for a graph without a cache."""
+        layers = 0
+        while PAST.format(layers, "key") in inputs:
+            layers += 1
+        if not layers:
             return None
-        _, kv_heads, _, head_dim = inputs[past[0]].shape
-        return cls(tuple(past), tuple(present), int(kv_heads), int(head_dim))
+        _, kv_heads, _, head_dim = inputs[PAST.format(0, "key")].shape
+        layout = cls.of_layers(layers, int(kv_heads), int(head_dim))
+        if any(name not in inputs for name in layout.past) or any(name not in outputs for name in layout.present):
+            return None
+        return layout
+
+    @property
+    def layers(self) -> int:
+        return len(self.past) // 2
 
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for name in self.past}
