@@ -197,9 +197,9 @@ def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new
     choose = sampling.chooser()
     past = layout.empty(len(ids))
     running = np.ones(len(ids), dtype=bool)
-    feed_ids = ids
+    feed_ids, position_ids = ids, positions(mask)
     for _ in range(max_new_tokens):
-        feeds = {"input_ids": feed_ids, "attention_mask": mask, "position_ids": positions(mask)[:, -feed_ids.shape[1]:]}
+        feeds = {"input_ids": feed_ids, "attention_mask": mask, "position_ids": position_ids}
         logits, past = step(feeds, past)
         chosen = np.where(running, choose(logits), tokens.pad).astype(np.int64)
         running &= ~np.isin(chosen, tokens.eos)
@@ -208,3 +208,4 @@ def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new
             return
         feed_ids = chosen[:, None]
         mask = np.concatenate([mask, np.ones_like(feed_ids)], axis=1)
+        position_ids = position_ids[:, -1:] + 1  # every row ends in a real token: the next one follows it

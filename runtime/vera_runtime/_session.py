@@ -107,6 +107,7 @@ class VeraSession:
         }
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.cache = CacheLayout.of(self._inputs, self.output_names)  # None: exported without --kv-cache
+        self._token_ids = TokenIds.beside(self.model_path) if self.cache else TokenIds()  # read once, not per call
         self._tasks: dict[str, _LoadedTask] = {}
         self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -354,7 +355,7 @@ class VeraSession:
         ids, mask = check_prompt(input_ids, attention_mask)
         check_length(ids, max_new_tokens, self.contract.dim_limits.get("total_sequence"))
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        tokens = self.token_ids().overridden(eos_token_id, pad_token_id)
+        tokens = self._token_ids.overridden(eos_token_id, pad_token_id)
         with self._lock:  # a task served hot (--hot-template) generates at merged-graph speed too
             hot = self._hot_for(task, tasks)
             lambdas = {} if hot else self._lambdas(task, tasks, len(ids))
@@ -366,7 +367,7 @@ class VeraSession:
 
     def token_ids(self) -> TokenIds:
         """eos and pad ids from the genai_config.json exported beside the graph (none when absent)."""
-        return TokenIds.beside(self.model_path)
+        return self._token_ids
 
     def _row_lambdas(self, tasks: tuple[str, ...]) -> dict:
         if self.device == "cuda" and tasks in self._rows:
