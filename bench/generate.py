@@ -29,6 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 from _measure import Timing  # noqa: E402
+from run import _interleaved as _interleaved_with_feeds  # noqa: E402
 from run import _options  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -139,15 +140,9 @@ def _runners(case: dict, threads: int, batch: int) -> dict:
 
 
 def _interleaved(runners: dict, repeats: int) -> dict[str, Timing]:
-    for runner in runners.values():
-        runner()
-    samples = {label: [] for label in runners}
-    for _ in range(repeats):
-        for label, runner in runners.items():
-            start = time.perf_counter()
-            runner()
-            samples[label].append(time.perf_counter() - start)
-    return {label: Timing(float(np.median(s)), min(s), max(s)) for label, s in samples.items()}
+    """run.py's interleaved timing, for runners without feeds; one warm-up (a generation is long)."""
+    return _interleaved_with_feeds({label: lambda _, go=go: go() for label, go in runners.items()}, None, repeats,
+                                   warmup=1)
 
 
 def _genai(case: dict, batch: int, repeats: int, threads: int, prompt: int = PROMPT) -> Timing | None:

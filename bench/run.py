@@ -201,10 +201,10 @@ def _variants(case, threads: int) -> dict:
     }
 
 
-def _interleaved(runners: dict, feeds, repeats: int) -> dict[str, Timing]:
+def _interleaved(runners: dict, feeds, repeats: int, warmup: int = 3) -> dict[str, Timing]:
     """Each repeat runs every variant once, in turn: drift in the machine's speed hits all alike."""
     for runner in runners.values():
-        for _ in range(3):
+        for _ in range(warmup):
             runner(feeds)
     samples: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(repeats):
