@@ -34,7 +34,7 @@ class Family:
     graph: Path
     base: Path
     adapters: dict[str, Path]
-    peft: object  # a PeftModel holding both adapters
+    peft: object  # a PeftModel holding every adapter
 
     def peft_generate(self, task: str, ids, mask, **options) -> np.ndarray:
         self.peft.set_adapter(task)
@@ -45,24 +45,30 @@ class Family:
         return out.numpy()
 
 
-def _build(tmp_path_factory, family: str, tokenizer: bool) -> Family:
+def _family(name: str, root: Path, base: Path, adapters: dict[str, Path]) -> Family:
+    """The adapters exported with --kv-cache to root/out/model.onnx, and PEFT's model holding them all."""
     from peft import PeftModel
 
+    graph = root / "out" / "model.onnx"
+    graph.parent.mkdir()
+    export_peft({t: str(p) for t, p in adapters.items()}, graph, base=base, kv_cache=True)
+    first, *others = adapters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = PeftModel.from_pretrained(model_class(name).from_pretrained(base), adapters[first], adapter_name=first)
+        for task in others:
+            peft.load_adapter(adapters[task], adapter_name=task)
+    peft.get_base_model().generation_config.eos_token_id = None  # no eos unless a test gives one
+    return Family(name, graph, base, adapters, peft.eval())
+
+
+def _build(tmp_path_factory, family: str, tokenizer: bool) -> Family:
     root = tmp_path_factory.mktemp(f"generation-{family}")
     base = make_base(root / "base", family)
     if tokenizer:
         add_tokenizer(base, 1000)
-    adapters = {task: make_adapter(root / task, base, family, seed) for seed, task in enumerate(TASKS, 1)}
-    graph = root / "out" / "model.onnx"
-    graph.parent.mkdir()
-    export_peft({t: str(p) for t, p in adapters.items()}, graph, base=base, kv_cache=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = PeftModel.from_pretrained(model_class(family).from_pretrained(base), adapters[TASKS[0]],
-                                         adapter_name=TASKS[0])
-        peft.load_adapter(adapters[TASKS[1]], adapter_name=TASKS[1])
-    peft.get_base_model().generation_config.eos_token_id = None  # no eos unless a test gives one
-    return Family(family, graph, base, adapters, peft.eval())
+    return _family(family, root, base, {task: make_adapter(root / task, base, family, seed)
+                                        for seed, task in enumerate(TASKS, 1)})
 
 
 @pytest.fixture(scope="module")
@@ -167,23 +173,14 @@ def test_sampling_is_repeatable_by_seed_and_top_k_1_is_greedy(llama):
 def test_a_sliding_window_bounds_the_graph_where_it_stays_exact(tmp_path):
     """Mistral with a 16-token window: transformers crops its cache past the window, this layout does
     not, so the graph is exact (and accepted) up to 15 tokens in all, and generation beyond is refused."""
-    from peft import PeftModel
-
     base = make_base(tmp_path / "base", "mistral", sliding_window=16)
-    adapter = make_adapter(tmp_path / "adapter", base, "mistral", 1)
-    export_peft({"a": str(adapter)}, tmp_path / "m.onnx", base=base, kv_cache=True)
-    session = VeraSession(tmp_path / "m.onnx", device="cpu")
+    mistral = _family("mistral", tmp_path, base, {"a": make_adapter(tmp_path / "adapter", base, "mistral", 1)})
+    session = VeraSession(mistral.graph, device="cpu")
     assert session.contract.dim_limits["total_sequence"] == 15
-    assert json.loads((tmp_path / "genai_config.json").read_text())["model"]["context_length"] == 15
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = PeftModel.from_pretrained(model_class("mistral").from_pretrained(base), adapter).eval()
-    peft.get_base_model().generation_config.eos_token_id = None
+    assert json.loads((mistral.graph.parent / "genai_config.json").read_text())["model"]["context_length"] == 15
     ids, mask = _prompts()
-    with torch.no_grad():
-        expected = peft.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=9,
-                                 do_sample=False, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(session.generate(ids, mask, max_new_tokens=9, eos_token_id=[]), expected)
+    np.testing.assert_array_equal(session.generate(ids, mask, max_new_tokens=9, eos_token_id=[]),
+                                  mistral.peft_generate("a", ids, mask, max_new_tokens=9))
     with pytest.raises(FeedError, match="exceeds the model's 15 positions"):
         session.generate(ids, mask, max_new_tokens=10)
 
