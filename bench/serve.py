@@ -99,7 +99,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from vera_runtime._serve_app import VeraServer
+    from vera_runtime._serve_app import application
 
     graph, names = _graph()
     tasks = {n: str(WORK / f"minilm.{n}.task.safetensors") for n in names}
@@ -113,8 +113,8 @@ def main() -> None:
     }
     for variant, apps in variants.items():
         for app, (loads, max_batch) in apps.items():
-            server = VeraServer.options(name=f"vera-{app}").bind(str(graph), loads, False, max_batch, 5.0)
-            serve.run(server, name=f"app-{app}", route_prefix=f"/{app}")
+            serve.run(application(str(graph), loads, False, max_batch=max_batch), name=f"app-{app}",
+                      route_prefix=f"/{app}")
         path_of = (lambda task: "/all/v1/run") if "all" in apps else (lambda task: f"/{task}/v1/run")
         for clients in CLIENTS:
             results[(variant, clients)] = _load(clients, names, path_of)

@@ -83,10 +83,14 @@ def test_plain_onnxruntime_example_switches_tasks_with_adapters(deployed):
 
 @pytest.mark.parametrize(("text", "message"), [
     ('{"input_ids": [[1, NaN]], "attention_mask": [[1, 1]]}', "is not valid JSON: NaN is not a number JSON allows"),
-    ('{"input_ids": [[1, 2], [3]], "attention_mask": [[1, 1], [1]]}', "'input_ids' is not a rectangular array"),
+    ('{"input_ids": [[1, 2], [3]], "attention_mask": [[1, 1], [1]]}', "'input_ids': rows of different lengths"),
     ("[[1, 2]]", "holds a JSON list: give an object"),
-    ('{"input_ids": [[1.9, 2]], "attention_mask": [[1, 1]]}', "'input_ids' takes integers (int64); it holds fractions"),
-    ('{"input_ids": [["a", "b"]], "attention_mask": [[1, 1]]}', "'input_ids' must hold numbers"),
+    ('{"input_ids": [[1.9, 2]], "attention_mask": [[1, 1]]}', "'input_ids' takes integers (whole numbers"),
+    ('{"input_ids": [[2.0, 2]], "attention_mask": [[1, 1]]}', "(int64); it holds decimal values"),
+    ('{"input_ids": [[true, 2]], "attention_mask": [[1, 1]]}', "(int64); it holds true/false values"),
+    ('{"input_ids": [["a", "b"]], "attention_mask": [[1, 1]]}', "'input_ids' takes integers"),
+    ('{"input_ids": [[]], "attention_mask": [[]]}', "'input_ids': it has an empty dimension"),
+    ('{"input_ids": [[1, 2]], "attention_mask": [[1, -5]]}', "'attention_mask' holds -5; a mask holds 0"),
     ('{"input_ids": [[1, 99999]], "attention_mask": [[1, 1]]}', "holds 99999, outside the model's vocabulary"),
 ])
 def test_bad_json_inputs_are_one_line_errors(deployed, tmp_path, capfd, text, message):

@@ -153,7 +153,7 @@ def test_concurrent_clients_with_random_tasks_get_what_each_request_gets_alone(s
     (b'{"task": "a", "inputs": ', 400, "is not valid JSON"),
     (b'{"task": "zzz", "inputs": {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}}', 404, "'zzz' is not loaded"),
     (b'{"task": "a", "inputs": {"input_idz": [[1, 2]], "attention_mask": [[1, 1]]}}', 400, "no input 'input_idz'"),
-    (b'{"task": "a", "inputs": {"input_ids": [[1.5, 2]], "attention_mask": [[1, 1]]}}', 400, "it holds fractions"),
+    (b'{"task": "a", "inputs": {"input_ids": [[1.5, 2]], "attention_mask": [[1, 1]]}}', 400, "it holds decimal values"),
     (b'{"task": "a", "inputs": {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]}}', 400, "must agree on"),
     (b'{"task": "a", "inputs": {"input_ids": [[99999]], "attention_mask": [[1]]}}', 400, "outside the model's vocab"),
     (b'{"tasks": ["a"], "inputs": {"input_ids": [[1], [2]], "attention_mask": [[1], [1]]}}', 400, "list of 2 task"),

@@ -58,7 +58,13 @@ def _check_out(graph: Path, out: Path, targets: tuple[str, ...]) -> None:
             f"--out {out} has the stem of {graph} (their task files would share names): choose another, e.g."
             f" {graph.with_suffix('').name}.{targets[0]}{want}."
         )
-    check_writable(out)
+    check_writable(out, _sources(graph))
+
+
+def _sources(graph: Path) -> list[Path]:
+    """What a conversion reads: the graph, its external data and its task files."""
+    tasks = [*task_files_beside(graph).values(), *task_files_beside(graph, ADAPTER_SUFFIX).values()]
+    return [graph, Path(f"{graph}.data"), *tasks]
 
 
 def _transform(graph: Path, targets: tuple[str, ...]):
@@ -83,7 +89,7 @@ def _transform(graph: Path, targets: tuple[str, ...]):
     proto = _topologically_sorted(proto)  # the fp16 and int8 tools leave nodes out of order
     weights = {"int8": "int8", "fp16": "float16"}
     contract = dataclasses.replace(
-        contract, task_defaults="web" not in targets,
+        contract, task_defaults="web" not in targets, hot_template_sha256=None,  # no template for a converted form
         weights=next((weights[t] for t in targets if t in weights), "float32"),
     )
     metadata = {p.key: p.value for p in proto.metadata_props if not p.key.startswith("vera.")} | contract.to_metadata()
@@ -155,7 +161,7 @@ def convert(
     tolerance = tolerance or max(DEFAULT_TOLERANCES[t] for t in targets)
     progress(f"Converting {graph.name} to {'+'.join(targets)} ...")
     proto, contract = _transform(graph, targets)
-    with writing(out, None, replaces_set=True) as stage:
+    with writing(out, None, replaces_set=True, inputs=tuple(_sources(graph))) as stage:
         scratch = stage.scratch()
         onnx_path = scratch / (out.with_suffix(".onnx").name if "ort" in targets else out.name)
         _write(proto, onnx_path, scratch / out.name if "ort" in targets else None)

@@ -23,6 +23,8 @@ from vera_runtime import (
     write_onnx_adapter,
     write_task,
 )
+from vera_runtime._contract import KEY_HOT_TEMPLATE
+from vera_runtime._hot import hot_template_path, template_digest
 from vera_runtime._taskfile import check_task_name
 
 from . import _options, _passes
@@ -99,11 +101,6 @@ def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
     return Task(adapted.task_name, contract.fingerprint, tensors, contract.base_digest)
 
 
-def hot_template_path(onnx_path: Path) -> Path:
-    """The hot template of a graph: ``<stem>.hot.onnx`` beside it."""
-    return onnx_path.with_name(f"{onnx_path.with_suffix('').name}.hot.onnx")
-
-
 def _build_graph(model, adapted, specs, examples, output_names, opset, contract, task, merged=False) -> ir.Model:
     graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset, merged)
     if isinstance(model, CachedCausalLM):
@@ -174,17 +171,25 @@ def _require_pass(verification: Verification) -> Verification:
     raise VeraExportError(f"ONNX Runtime differs from PyTorch on '{worst.name}': {gap} {advice}")
 
 
-def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) -> Verification | None:
+def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) -> tuple[Verification | None, str]:
     """Write the graphs (in a scratch folder, where ``check`` runs the first one with its external
     data) and the task's files, all under staged names: nothing is in place until ``stage.publish()``.
+    The hot template, when there is one, is written first: the graph records its digest (returned).
 
     ``graphs`` is emptied once they are written: their transposed weights are a copy of the model's,
     and ONNX Runtime is about to load a third (a 2.8 GB Llama peaked at 3.2× its weights otherwise)."""
     scratch = stage.scratch()
     main = next(iter(graphs))
+    hot_digest = ""
     while graphs:
-        final, graph = graphs.popitem()
-        _save(graph, scratch, final.name)
+        final, graph = graphs.popitem()  # the hot template (added last) comes first
+        if final != main:
+            _save(graph, scratch, final.name)
+            hot_digest = template_digest(scratch / final.name)
+        else:
+            if hot_digest:
+                graph.metadata_props[KEY_HOT_TEMPLATE] = hot_digest  # the only template sessions will use
+            _save(graph, scratch, final.name)
         del graph
     gc.collect()  # an IR graph is a web of cycles (nodes <-> values): only the collector frees it
     verification = check(scratch / main.name) if check else None
@@ -192,7 +197,7 @@ def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) 
     for written in sorted(scratch.iterdir()):
         os.replace(written, stage.path(main.parent / written.name))
     _stage_task(task, main, stage)
-    return verification
+    return verification, hot_digest
 
 
 def _stage_task(task: Task, graph: Path, stage: Staging) -> tuple[Path, Path]:
@@ -215,6 +220,7 @@ def export(
     kv_cache: bool = False,
     progress: Callable[[str], None] = lambda message: None,
     staging: Staging | None = None,
+    reads: Sequence[str | os.PathLike] = (),
 ) -> ExportResult:
     """Export a VeRA-adapted ``model`` (ours or PEFT's) to one ONNX graph at ``out``.
 
@@ -224,12 +230,13 @@ def export(
     one task at merged-graph speed (a second copy of the weights on disk). An export to an existing
     graph replaces its whole set of files: task files of the old graph do not stay beside the new one.
     With ``staging`` (several tasks in one command), the files are staged there for the caller to publish.
+    ``reads``: the files the model came from (a checkpoint): an output that is one of them is refused.
     ``kv_cache`` (causal LMs): a graph for generation, which takes and returns the KV cache
     (``past_key_values.{i}.key``/``.value`` in, ``present.{i}.…`` out) and sets its inputs itself.
     """
     start = time.perf_counter()
     out = Path(out)
-    check_writable(out)
+    check_writable(out, reads)
     if kv_cache:
         if inputs:
             raise VeraExportError("--kv-cache sets the graph's inputs itself (the genai layout): drop --input.")
@@ -257,19 +264,22 @@ def export(
         progress("Verifying ONNX Runtime against PyTorch ...")
         return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 
-    with writing(out, staging, replaces_set=True) as stage:
-        verification = _stage_all(graphs, task, stage, check if verify else None)
+    with writing(out, staging, replaces_set=True, inputs=tuple(map(Path, reads))) as stage:
+        verification, hot_digest = _stage_all(graphs, task, stage, check if verify else None)
+    contract = dataclasses.replace(contract, hot_template_sha256=hot_digest or None)
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)
 
 
 def add_task(
-    model: nn.Module, graph: str | os.PathLike, task_name: str | None = None, *, overwrite: bool = False
+    model: nn.Module, graph: str | os.PathLike, task_name: str | None = None, *, overwrite: bool = False,
+    reads: Sequence[str | os.PathLike] = (),
 ) -> tuple[Path, Path]:
     """Write ``model``'s current λ as another task of an exported graph, beside it.
 
     The model must share the graph's base weights, A, B and layers (same fingerprint): typically the
     same base model fine-tuned on another task. A task the graph already has (its default task
     included) is replaced only with ``overwrite``. Returns the task file and ``.onnx_adapter`` paths.
+    ``reads``: the files the model came from: a task file that is one of them is refused.
     """
     graph = Path(graph)
     contract = read_contract(graph)
@@ -281,7 +291,7 @@ def add_task(
             " --task-name, or replace it with --overwrite."
         )
     digest = base_digest(model) if contract.base_digest else None  # graphs exported before digests have none
-    with writing(graph, None, replaces_set=False) as stage:
+    with writing(graph, None, replaces_set=False, inputs=tuple(map(Path, reads))) as stage:
         return stage_task(model, graph, contract, stage, name, digest)
 
 

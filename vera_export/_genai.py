@@ -9,6 +9,8 @@ from pathlib import Path
 
 from vera_runtime import Contract
 from vera_runtime._generate import GENAI_CONFIG, PAST, PRESENT
+from vera_runtime._io import same_file
+from vera_runtime._publish import COMPANION_FILES
 
 from ._kv_cache import TOTAL, CachedCausalLM
 from ._limits import declared_positions
@@ -17,8 +19,7 @@ from ._staging import Staging
 # onnxruntime-genai's model types that run a graph of this layout as a plain decoder. Its "gpt2" type
 # means another layout (one combined past per layer), so other families get the generic decoder, "llama".
 GENAI_DECODERS = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma", "gemma2", "granite", "olmo")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = tuple(name for name in COMPANION_FILES if name != GENAI_CONFIG)  # what a publish may write
 
 
 def _token_ids(base: Path, config) -> dict[str, int | list[int] | None]:
@@ -70,7 +71,7 @@ def stage_genai_files(model: CachedCausalLM, graph: Path, base: Path, contract: 
     stage.path(config_path).write_text(text + "\n")
     written = [config_path]
     for name in TOKENIZER_FILES:
-        if (base / name).is_file():
+        if (base / name).is_file() and not same_file(base / name, graph.with_name(name)):  # graph in the base folder
             shutil.copyfile(base / name, stage.path(graph.with_name(name)))
             written.append(graph.with_name(name))
     return written

@@ -6,8 +6,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from vera_runtime import ADAPTER_SUFFIX, Contract, TaskFileError, read_onnx_adapter, read_task
-from vera_runtime._taskfile import adapter_model_version, task_files_beside
+from vera_runtime import ADAPTER_SUFFIX, Contract, TaskFileError, read_onnx_adapter
+from vera_runtime._errors import shown
+from vera_runtime._publish import pending_journal
+from vera_runtime._taskfile import adapter_model_version, adapter_size_limit, read_task_fingerprint, task_files_beside
 
 from ._graphfile import load_graph
 
@@ -31,6 +33,7 @@ class GraphReport:
     task_default_bytes: int
     base_bytes: int
     tasks: tuple[TaskFound, ...]
+    journal: Path | None = None  # an interrupted publish beside the graph (inspect never finishes it)
 
     def _heads(self) -> list[str]:
         if not self.contract.heads:
@@ -64,7 +67,10 @@ class GraphReport:
         ]
         if not self.tasks:
             lines.append("    none")
-        return "\n".join(lines)
+        if self.journal:
+            lines.append(f"  note: {self.journal.name} records an export interrupted while it put its files in place;"
+                         " the next export into this folder, or a VeraSession on this graph, finishes it.")
+        return "\n".join(shown(line, 1 << 16) for line in lines)  # names from the file never drive the terminal
 
 
 def _shape(value_info) -> list:
@@ -83,13 +89,14 @@ def _tasks_beside(path: Path, contract: Contract) -> tuple[TaskFound, ...]:
     found = []
     for name, candidate in task_files_beside(path).items():
         try:
-            fits = read_task(candidate).fingerprint == contract.fingerprint
+            fits = read_task_fingerprint(candidate) == contract.fingerprint  # the header only
         except TaskFileError:
             fits = False
         found.append(TaskFound(candidate, name, fits))
     for name, candidate in task_files_beside(path, ADAPTER_SUFFIX).items():
         try:
-            fits = read_onnx_adapter(candidate)[0] == adapter_model_version(contract.fingerprint)
+            version = read_onnx_adapter(candidate, adapter_size_limit(contract))[0]
+            fits = version == adapter_model_version(contract.fingerprint)
         except TaskFileError:
             fits = False
         found.append(TaskFound(candidate, name, fits))
@@ -112,4 +119,5 @@ def inspect_graph(path: str | os.PathLike) -> GraphReport:
         task_default_bytes=defaults,
         base_bytes=sum(sizes.values()) - projection - defaults,
         tasks=_tasks_beside(path, contract),
+        journal=pending_journal(path),
     )

@@ -171,7 +171,8 @@ def export_peft(
         root = CachedCausalLM(root)  # here, not in export(): the genai files below need its layout
     elif not options.get("inputs"):
         options["inputs"] = default_input_specs(loaded.model.get_base_model())
-    with Staging(out, replaces_set=True) as staging:  # the graph and every task, published as one set
+    reads = (*(adapter.path for adapter in read), resolve_base(base, read[0]))  # never replaced by an output
+    with Staging(out, replaces_set=True, inputs=reads) as staging:  # the graph and every task, as one set
         result = export(root, out, task_name=read[0].name, kv_cache=kv_cache, progress=progress, staging=staging,
                         **options)
         if kv_cache:
@@ -201,5 +202,7 @@ def add_peft_task(
     Returns the task file and the ``.onnx_adapter`` paths.
     """
     read_contract(graph)  # a missing or foreign graph fails before the model loads
-    loaded = load_peft_models(_read_all({task_name: adapter_dir}), base, model_class)
-    return add_task(PeftRoot(loaded.model), graph, task_name, overwrite=overwrite)
+    read = _read_all({task_name: adapter_dir})
+    loaded = load_peft_models(read, base, model_class)
+    reads = (Path(adapter_dir), resolve_base(base, read[0]))
+    return add_task(PeftRoot(loaded.model), graph, task_name, overwrite=overwrite, reads=reads)

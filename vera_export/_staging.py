@@ -1,7 +1,7 @@
 """All or nothing for every file one command writes: a graph, its task files, its hot template.
 
 Each file is staged under a hidden temporary name beside its final path; ``publish`` renames the
-whole set into place (see ``vera_runtime._io.publish``) and removes what is left of the graph's old
+whole set into place (see ``vera_runtime._publish``) and removes what is left of the graph's old
 set. Any exception, SIGINT or SIGTERM before that removes everything staged; files staged by an
 export killed earlier (SIGKILL) are removed by the next one into the folder.
 """
@@ -21,14 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
-from vera_runtime._io import (
-    STAGING_SUFFIX,
-    finish_publish,
-    publish,
-    remove_stale_staging,
-    signals_deferred,
-    staging_path,
-)
+from vera_runtime._io import STAGING_SUFFIX, refuse_overwriting, remove_stale_staging, signals_deferred, staging_path
+from vera_runtime._publish import finish_publish, publish
 from vera_runtime._taskfile import task_files_beside
 
 from ._errors import VeraExportError
@@ -64,9 +58,10 @@ def old_set(graph: Path) -> list[Path]:
 class Staging:
     """Stage files beside ``graph``; ``publish()`` puts them all in place, else none of them."""
 
-    def __init__(self, graph: str | os.PathLike, replaces_set: bool) -> None:
+    def __init__(self, graph: str | os.PathLike, replaces_set: bool, inputs: tuple[Path, ...] = ()) -> None:
         self.graph = Path(graph)
         self.replaces_set = replaces_set  # a full export: files of the graph's old set not rewritten go
+        self.inputs = input_files(inputs)  # files the command reads: never replaced or removed by it
         self._staged: dict[Path, Path] = {}  # final path -> staged path
         self._scratch: list[Path] = []
         self._sigterm = None
@@ -114,6 +109,7 @@ class Staging:
                     f"cannot write {final}: a directory is in the way; move it, or choose another --out."
                 )
         remove = [p for p in old_set(self.graph) if p not in self._staged] if self.replaces_set else []
+        refuse_overwriting([*self._staged, *remove], self.inputs, VeraExportError)
         with signals_deferred():  # a SIGTERM now waits for the set, then ends the process as usual
             publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
                     pause=lambda: pause_for_tests("publish"))
@@ -134,8 +130,25 @@ def task_file_paths(graph: Path, task: str) -> tuple[Path, Path]:
     return graph.with_name(f"{stem}.{task}{TASK_SUFFIX}"), graph.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}")
 
 
-def check_writable(out: Path) -> None:
-    """Fail before the slow trace, with a probe file: permission bits don't tell (e.g. for root)."""
+_WRITTEN_BY_EXPORTS = (".onnx", ".onnx.data", ".ort", ".onnx_adapter", TASK_SUFFIX, "genai_config.json")
+
+
+def input_files(paths) -> tuple[Path, ...]:
+    """The files a command reads: each file given, and the files directly inside each folder given (a
+    base or adapter folder) but those an export writes, so that a graph can be exported again beside them."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.endswith(_WRITTEN_BY_EXPORTS)))
+        else:
+            files.append(path)
+    return tuple(files)
+
+
+def check_writable(out: Path, inputs=()) -> None:
+    """Fail before the slow trace, with a probe file: permission bits don't tell (e.g. for root). An
+    output that is one of the command's ``inputs`` (same file, or a link to it) is refused."""
+    refuse_overwriting([out], input_files(inputs), VeraExportError)
     if out.is_dir():
         raise VeraExportError(f"output path {out} is a directory: give a file name such as {out / 'model.onnx'}.")
     if not out.parent.is_dir():
@@ -148,14 +161,14 @@ def check_writable(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def writing(out: Path, stage: Staging | None, replaces_set: bool) -> Iterator[Staging]:
+def writing(out: Path, stage: Staging | None, replaces_set: bool, inputs: tuple[Path, ...] = ()) -> Iterator[Staging]:
     """The caller's staging, or one of our own that publishes when the block succeeds; OS errors
     become one message naming the path that failed."""
     try:
         if stage is not None:
             yield stage
             return
-        with Staging(out, replaces_set) as own:
+        with Staging(out, replaces_set, inputs) as own:
             yield own
             own.publish()
     except OSError as exc:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import click
 
-from vera_runtime import ContractError, TaskFileError
+from vera_runtime._errors import VeraError, shown
 
 from ._errors import VeraExportError
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE, TRUST_FLAG
 
-_EXPECTED = (VeraExportError, TaskFileError, ContractError)
+_EXPECTED = (VeraExportError, VeraError)
 _TASK_NAME_HELP = "Name of the task (default: the checkpoint's task, or the PEFT adapter folder's name)."
 _MODEL_CLASS_HELP = (
     "PEFT adapters: the transformers class to load the base as, e.g. LlamaForCausalLM (default: from the"
@@ -44,19 +44,22 @@ def _errors_as_messages(command):
             return command(*args, **kwargs)
         except click.ClickException:
             raise
-        except _EXPECTED as exc:
-            if verbose:
-                raise
-            raise click.ClickException(str(exc)) from None
         except Exception as exc:
             if verbose:
                 raise
-            raise click.ClickException(
-                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                " (rerun with --verbose for the traceback)"
-            ) from None
+            raise click.ClickException(shown(_message(exc), 4000)) from None
 
     return click.option("--verbose", is_flag=True, help="Show tracebacks and library warnings.")(wrapper)
+
+
+def _message(exc: Exception) -> str:
+    """What failed, in words: ours as they are, OS errors by file, anything else marked unexpected."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}."
+    if isinstance(exc, _EXPECTED):
+        return str(exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"unexpected {type(exc).__name__}: {first} (rerun with --verbose for the traceback)"
 
 
 def _progress(start: float):
@@ -113,7 +116,8 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     """
     from ._staging import check_writable
 
-    check_writable(Path(out))  # before a model that may take minutes to load
+    reads = [p for p in (model_path, base, *(entry.partition("=")[2] for entry in more_tasks)) if p]
+    check_writable(Path(out), reads)  # before a model that may take minutes to load
     progress = _progress(time.perf_counter())
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
                "hot_template": hot_template, "kv_cache": kv_cache}
@@ -133,7 +137,8 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
 
         progress(f"Loading {model_path} ...")
         loaded = load_model(model_path, trust_pickle=trust_pickle)
-        result = export(loaded.model, out, task_name=task_name or loaded.task_name, progress=progress, **options)
+        result = export(loaded.model, out, task_name=task_name or loaded.task_name, progress=progress,
+                        reads=[model_path], **options)
         peft_result = None
     if result.verification is not None:
         for check in result.verification.checks:
@@ -212,7 +217,7 @@ def task_command(model_path, graph, task_name, trust_pickle, base, model_class, 
         from ._export import add_task
 
         loaded = load_model(model_path, trust_pickle=trust_pickle)
-        paths = add_task(loaded.model, graph, task_name or loaded.task_name, overwrite=overwrite)
+        paths = add_task(loaded.model, graph, task_name or loaded.task_name, overwrite=overwrite, reads=[model_path])
     for path in paths:
         click.echo(f"Wrote {path}")
 

@@ -4,21 +4,35 @@ ones whose inputs can share a batch, run each group once with a task per row, an
 Requests share a batch when their inputs have the same names, dtypes and shapes after the batch
 dimension (e.g. the same sequence length). Requests of other shapes form groups of their own: no
 padding, so a batched response is the response the request gets alone.
+
+Memory is bounded per request (``Limits``: rows, and tokens = rows × the sizes of the inputs' symbolic
+dimensions) and per run: a group larger than one request's token budget runs in slices of that budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
-from ._errors import FeedError
-from ._feeds import check_feeds
+from ._errors import FeedError, shown
+from ._feeds import InputInfo, check_feeds
 from ._jsonio import json_inputs
 from ._session import VeraSession
 
 DEFAULT_MAX_BODY = 8 << 20  # bytes of JSON a request may send
+DEFAULT_MAX_ROWS = 256
+DEFAULT_MAX_TOKENS = 16_384  # e.g. 32 rows of 512 tokens: a few hundred MB of activations for BERT-base
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it, 413. One run never takes more than ``max_tokens``."""
+
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_tokens: int = DEFAULT_MAX_TOKENS
 
 
 class RequestError(ValueError):
@@ -36,6 +50,7 @@ class Request:
     feeds: dict[str, np.ndarray]
     rows: tuple[str | None, ...]
     asked: object  # the "task" or "tasks" value, echoed in the response
+    tokens_per_row: int = 1
 
     @property
     def key(self) -> tuple:
@@ -44,19 +59,42 @@ class Request:
         return defaults, tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(self.feeds.items()))
 
 
-def parse_request(body, session: VeraSession) -> Request:
-    """A JSON body ``{"task"|"tasks": ..., "inputs": {...}}`` checked against the graph and its tasks."""
+def parse_request(body, session: VeraSession, limits: Limits = Limits()) -> Request:
+    """A JSON body ``{"task"|"tasks": ..., "inputs": {...}}`` checked against the graph, its tasks and ``limits``."""
     if not isinstance(body, Mapping) or not isinstance(body.get("inputs"), Mapping):
         raise RequestError(400, 'the body must be a JSON object {"task": NAME, "inputs": {input name: nested list}}.')
     unknown = sorted(set(body) - {"task", "tasks", "inputs"})
     if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}: a request has 'inputs' and 'task' or 'tasks'.")
+        raise RequestError(400, f"unknown field(s) {[shown(n, 40) for n in unknown[:5]]}: a request has 'inputs'"
+                                " and 'task' or 'tasks'.")
+    _check_size(body["inputs"], session.inputs, limits)
     try:
         feeds = json_inputs(dict(body["inputs"]), "the request", session.inputs)
         batch = check_feeds(feeds, session.inputs, set(session.contract.task_shapes()), session.contract)
     except FeedError as exc:
         raise RequestError(400, str(exc)) from None
-    return Request(feeds, _rows(body, batch, session), body.get("tasks", body.get("task")))
+    per_row = tokens_per_row(feeds, session.inputs)
+    if batch * per_row > limits.max_tokens:
+        raise RequestError(413, f"the request has {batch} rows of {per_row} tokens, {batch * per_row:,} in all; this"
+                                f" server takes up to {limits.max_tokens:,} per request: send fewer rows per request.")
+    return Request(feeds, _rows(body, batch, session), body.get("tasks", body.get("task")), per_row)
+
+
+def _check_size(inputs: Mapping, infos: Mapping[str, InputInfo], limits: Limits) -> None:
+    """Refuse too many rows before building any array (413): the outer list's length is the row count."""
+    for name, value in inputs.items():
+        info = infos.get(name)
+        if info is not None and info.shape and not isinstance(info.shape[0], int) and isinstance(value, list):
+            if len(value) > limits.max_rows:
+                raise RequestError(413, f"input '{name}' has {len(value):,} rows; this server takes up to"
+                                        f" {limits.max_rows:,} per request: send fewer rows per request.")
+
+
+def tokens_per_row(feeds: Mapping[str, np.ndarray], infos: Mapping[str, InputInfo]) -> int:
+    """How much one row costs: the largest product, over inputs, of its symbolic dimensions after the batch."""
+    sizes = [math.prod(n for n, dim in zip(feeds[name].shape[1:], info.shape[1:], strict=True)
+                       if not isinstance(dim, int)) for name, info in infos.items() if name in feeds]
+    return max([1, *sizes])
 
 
 def _rows(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, ...]:
@@ -71,28 +109,53 @@ def _rows(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, 
         raise RequestError(400, f"'tasks' must be a list of {batch} task names, one per row of the inputs.")
     for name in rows:
         if name is not None and not isinstance(name, str):
-            raise RequestError(400, f"task names are strings; got {name!r:.60}.")
+            raise RequestError(400, f"task names are strings; got {shown(name, 60)}.")
         if name is not None and name not in session.tasks:
-            raise RequestError(404, f"task '{name:.64}' is not loaded; loaded tasks: {sorted(session.tasks)}.")
+            raise RequestError(404, f"task '{shown(name, 64)}' is not loaded; loaded tasks: {sorted(session.tasks)}.")
     if None in rows and any(rows):
         raise RequestError(400, "name every row's task in 'tasks', or none (the graph's default task).")
     return rows
 
 
-def run_batch(requests: list[Request], session: VeraSession) -> list[dict[str, np.ndarray]]:
-    """Outputs per request, computed with one ``session.run`` per group of stackable requests."""
-    results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+def run_batch(requests: list[Request], session: VeraSession, max_tokens: int = DEFAULT_MAX_TOKENS) -> list:
+    """Outputs per request (or the exception its run raised), with one ``session.run`` per group of
+    stackable requests, in slices of at most ``max_tokens`` tokens. A failing group is run again one
+    request at a time, so that one request's failure is not its neighbours'."""
+    results: list = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(request.key, []).append(index)
     for members in groups.values():
-        names = requests[members[0]].feeds
-        stacked = {name: np.concatenate([requests[i].feeds[name] for i in members]) for name in names}
-        rows = [row for i in members for row in requests[i].rows]
-        outputs = session.run(stacked) if rows[0] is None else session.run(stacked, tasks=rows)
-        start = 0
-        for i in members:
-            count = len(requests[i].rows)
-            results[i] = {name: value[start : start + count] for name, value in outputs.items()}
-            start += count
+        try:
+            outputs = _run_group([requests[i] for i in members], session, max_tokens)
+        except Exception:  # noqa: BLE001 - retried alone below, where each request gets its own error
+            outputs = [_run_alone(requests[i], session, max_tokens) for i in members]
+        for i, output in zip(members, outputs, strict=True):
+            results[i] = output
     return results
+
+
+def _run_alone(request: Request, session: VeraSession, max_tokens: int):
+    try:
+        return _run_group([request], session, max_tokens)[0]
+    except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+        return exc
+
+
+def _run_group(requests: list[Request], session: VeraSession, max_tokens: int) -> list[dict[str, np.ndarray]]:
+    names = requests[0].feeds
+    stacked = {name: np.concatenate([r.feeds[name] for r in requests]) for name in names}
+    rows = [row for r in requests for row in r.rows]
+    step = max(1, max_tokens // requests[0].tokens_per_row)  # rows per run: memory stays within one budget
+    parts = []
+    for start in range(0, len(rows), step):
+        feeds = {name: value[start : start + step] for name, value in stacked.items()}
+        tasks = rows[start : start + step]
+        parts.append(session.run(feeds) if tasks[0] is None else session.run(feeds, tasks=tasks))
+    outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    split, start = [], 0
+    for request in requests:
+        count = len(request.rows)
+        split.append({name: value[start : start + count] for name, value in outputs.items()})
+        start += count
+    return split

@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 
 import numpy as np
+
+from . import _metadata as checked
+from ._errors import VeraError, shown
 
 CONTRACT_VERSION = "1"
 
@@ -29,13 +33,14 @@ KEY_INPUT_HIGHS = _PREFIX + "input_highs"
 KEY_DIM_LIMITS = _PREFIX + "dim_limits"
 KEY_TASK_DEFAULTS = _PREFIX + "task_defaults"
 KEY_WEIGHTS = _PREFIX + "weights"
+KEY_HOT_TEMPLATE = _PREFIX + "hot_template_sha256"
 WEIGHT_TYPES = ("float32", "int8", "float16")
 
 LAMBDA_D = "vera_lambda_d"
 LAMBDA_B = "vera_lambda_b"
 
 
-class ContractError(ValueError):
+class ContractError(VeraError, ValueError):
     """A graph's metadata does not follow the vera-export contract."""
 
 
@@ -89,6 +94,7 @@ class Contract:
     dim_limits: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. sequence <= learned positions
     task_defaults: bool = True  # task inputs have default initializers (False: the web form, all required)
     weights: str = "float32"  # how the base weights are stored: float32, int8 (quantized) or float16
+    hot_template_sha256: str | None = None  # of <stem>.hot.onnx and its data: the only template a session builds
     version: str = CONTRACT_VERSION
 
     def task_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -108,7 +114,8 @@ class Contract:
         limits = {key: json.dumps(value, separators=(",", ":")) for key, value in
                   ((KEY_INPUT_HIGHS, self.input_highs), (KEY_DIM_LIMITS, self.dim_limits)) if value}
         form = ({} if self.task_defaults else {KEY_TASK_DEFAULTS: "none"}) | (
-            {} if self.weights == "float32" else {KEY_WEIGHTS: self.weights})
+            {} if self.weights == "float32" else {KEY_WEIGHTS: self.weights}) | (
+            {KEY_HOT_TEMPLATE: self.hot_template_sha256} if self.hot_template_sha256 else {})
         return (heads if self.heads else {}) | digest | limits | form | {
             KEY_VERSION: self.version,
             KEY_R: str(self.r),
@@ -121,6 +128,8 @@ class Contract:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: str = "the graph") -> Contract:
+        """The contract in a graph's metadata, every ``vera.*`` key checked (type, range, size, nesting):
+        ContractError naming the key otherwise."""
         if KEY_VERSION not in metadata:
             raise ContractError(
                 f"{source} carries no '{KEY_VERSION}' metadata: it was not written by vera-export."
@@ -129,44 +138,34 @@ class Contract:
         version = metadata[KEY_VERSION]
         if version != CONTRACT_VERSION:
             raise ContractError(
-                f"{source} follows graph contract version {version}; this vera-runtime reads"
+                f"{source} follows graph contract version {shown(version, 20)}; this vera-runtime reads"
                 f" version {CONTRACT_VERSION}. Upgrade vera-runtime or re-export the model."
             )
         try:
-            layers = tuple(LayerSpec(**entry) for entry in json.loads(metadata[KEY_LAYERS]))
-            heads = tuple(HeadSpec(**entry) for entry in json.loads(metadata.get(KEY_HEADS) or "[]"))
-            seed = metadata[KEY_SEED]
-            return cls(
-                r=int(metadata[KEY_R]),
-                seed=int(seed) if seed else None,
-                recipe=metadata[KEY_RECIPE],
-                layers=layers,
-                default_task=metadata[KEY_DEFAULT_TASK],
-                fingerprint=metadata[KEY_FINGERPRINT],
-                heads=heads,
-                base_digest=metadata.get(KEY_BASE_DIGEST) or None,
-                input_highs=_int_map(metadata.get(KEY_INPUT_HIGHS)),
-                dim_limits=_int_map(metadata.get(KEY_DIM_LIMITS)),
-                task_defaults=_choice(metadata, KEY_TASK_DEFAULTS, ("graph", "none")) == "graph",
-                weights=_choice(metadata, KEY_WEIGHTS, WEIGHT_TYPES),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ContractError(f"{source} has malformed vera metadata ({exc!r}): re-export it.") from exc
+            return cls._checked(metadata)
+        except checked.MetadataError as exc:
+            raise ContractError(f"{source} has malformed vera metadata: {exc}. Re-export the model.") from exc
 
-
-def _choice(metadata: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
-    """``metadata[key]``, one of ``allowed``; absent means the first."""
-    value = metadata.get(key) or allowed[0]
-    if value not in allowed:
-        raise ValueError(f"{key} is {value!r:.40}, not one of {allowed}")
-    return value
-
-
-def _int_map(text: str | None) -> dict[str, int]:
-    value = json.loads(text or "{}")
-    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
-        raise ValueError(f"expected a JSON object of integers, got {text!r:.80}")
-    return value
+    @classmethod
+    def _checked(cls, metadata: Mapping[str, str]) -> Contract:
+        default_task = checked.text(metadata, KEY_DEFAULT_TASK, limit=64)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", default_task):
+            raise checked.MetadataError(KEY_DEFAULT_TASK, f"is {shown(default_task, 70)!r}, not a task name")
+        return cls(
+            r=checked.integer(metadata, KEY_R, 1, checked.MAX_RANK),
+            seed=checked.integer(metadata, KEY_SEED, -(2**63), 2**64 - 1, required=False),
+            recipe=checked.text(metadata, KEY_RECIPE, limit=4096),
+            layers=tuple(LayerSpec(**entry) for entry in checked.layers(metadata, KEY_LAYERS)),
+            default_task=default_task,
+            fingerprint=checked.digest(metadata, KEY_FINGERPRINT),
+            heads=tuple(HeadSpec(**entry) for entry in checked.heads(metadata, KEY_HEADS)),
+            base_digest=checked.digest(metadata, KEY_BASE_DIGEST, required=False),
+            input_highs=checked.int_map(metadata, KEY_INPUT_HIGHS, 2**62),
+            dim_limits=checked.int_map(metadata, KEY_DIM_LIMITS, 2**31),
+            task_defaults=checked.choice(metadata, KEY_TASK_DEFAULTS, ("graph", "none")) == "graph",
+            weights=checked.choice(metadata, KEY_WEIGHTS, WEIGHT_TYPES),
+            hot_template_sha256=checked.digest(metadata, KEY_HOT_TEMPLATE, required=False),
+        )
 
 
 def fingerprint(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ._errors import DeviceError
+from ._errors import DeviceError, GraphError, shown
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -38,6 +38,17 @@ def cuda_problem() -> str | None:
     return None
 
 
+def _load(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """ORT's session, or GraphError naming the file and what ORT refused (a damaged graph, external data
+    outside the graph's folder or missing, a link loop)."""
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf/NoSuchFile types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphError(f"ONNX Runtime cannot load {path}: {shown(first, 400)}. Export the graph again, or"
+                         " copy its whole folder (the graph with its .data file).") from exc
+
+
 def create_session(path: str, device: str, options: ort.SessionOptions) -> tuple[ort.InferenceSession, str]:
     """An InferenceSession on ``device`` ("auto", "cpu" or "cuda") and the device it really uses."""
     if device not in ("auto", "cpu", "cuda"):
@@ -46,10 +57,10 @@ def create_session(path: str, device: str, options: ort.SessionOptions) -> tuple
     if device == "cuda" and problem:
         raise DeviceError(f"device='cuda' was asked for, but {problem}.")
     if problem:
-        return ort.InferenceSession(path, options, providers=[CPU]), "cpu"
-    session = ort.InferenceSession(path, options, providers=[CUDA, CPU])
+        return _load(path, options, [CPU]), "cpu"
+    session = _load(path, options, [CUDA, CPU])
     if session.get_providers()[0] == CUDA:
         return session, "cuda"
     if device == "cuda":
         raise DeviceError(f"ONNX Runtime could not start its CUDA provider for {path} (no usable GPU?).")
-    return ort.InferenceSession(path, options, providers=[CPU]), "cpu"
+    return _load(path, options, [CPU]), "cpu"

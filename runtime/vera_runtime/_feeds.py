@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._contract import Contract
-from ._errors import FeedError
+from ._errors import FeedError, shown
 
+MASKS = ("attention_mask", "decoder_attention_mask")  # 0 (padding) or 1 (token), as transformers means them
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -43,9 +44,9 @@ def check_feeds(
         raise FeedError(f"feeds is a {type(feeds).__name__}: pass a dict of input name -> numpy array.")
     for name in feeds:
         if name in task_inputs:
-            raise FeedError(f"'{name}' is a task input: choose the task with run(..., task=NAME), don't feed it.")
+            raise FeedError(f"'{shown(name)}' is a task input: choose the task with run(..., task=NAME), not a feed.")
         if name not in inputs:
-            raise FeedError(f"the graph has no input '{name}'; its inputs are {sorted(inputs)}.")
+            raise FeedError(f"the graph has no input '{shown(name, 80)}'; its inputs are {sorted(inputs)}.")
     missing = [f"'{n}' ({info.describe()})" for n, info in inputs.items() if n not in feeds]
     if missing:
         raise FeedError(f"missing input {', '.join(missing)}.")
@@ -63,8 +64,15 @@ def check_feeds(
 
 
 def _check_array(name: str, array, info: InputInfo, sizes: dict[str, tuple[int, str]]) -> None:
+    if isinstance(array, np.ma.MaskedArray):
+        raise FeedError(f"input '{name}' is a masked array: ONNX Runtime ignores masks; pass array.filled(value).")
     if not isinstance(array, np.ndarray):
         raise FeedError(f"input '{name}' is a {type(array).__name__}: pass a numpy array.")
+    if array.dtype.newbyteorder("=") == info.dtype and array.dtype != info.dtype:
+        raise FeedError(
+            f"input '{name}' is {info.dtype.name} in big-endian byte order ('{array.dtype.str}'); ONNX Runtime"
+            f" takes native order: use .astype('{info.dtype.str}')."
+        )
     if array.dtype != info.dtype:
         raise FeedError(f"input '{name}' is {array.dtype.name}, the graph needs {info.dtype.name}: use .astype().")
     if array.ndim != len(info.shape) or any(
@@ -88,6 +96,10 @@ def _check_limits(feeds: Mapping[str, np.ndarray], sizes: dict[str, tuple[int, s
                 f"'{sizes[dim][1]}' has {dim}={sizes[dim][0]}, but the model has positions for {limit}:"
                 " truncate the input."
             )
+    for name in MASKS:
+        array = feeds.get(name)
+        if array is not None and array.size and not np.isin(array, (0, 1)).all():
+            raise FeedError(f"input '{name}' holds {_first_outside(array)}; a mask holds 0 (padding) and 1 (token).")
     for name, high in contract.input_highs.items():
         array = feeds.get(name)
         if array is None or not array.size:
@@ -99,3 +111,7 @@ def _check_limits(feeds: Mapping[str, np.ndarray], sizes: dict[str, tuple[int, s
                 f"input '{name}' holds {bad}, outside the model's vocabulary [0, {high}): check the tokenizer"
                 " matches the model."
             )
+
+
+def _first_outside(mask: np.ndarray) -> int:
+    return int(mask.reshape(-1)[np.flatnonzero(~np.isin(mask, (0, 1)))[0]])

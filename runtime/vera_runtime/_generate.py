@@ -5,7 +5,6 @@ token per step, each step's ``present`` fed back as the next ``past``. Greedy fo
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from ._errors import FeedError
 from ._feeds import InputInfo
+from ._json import loads_bounded
 
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
@@ -67,7 +67,7 @@ class TokenIds:
         """From the ``genai_config.json`` in the graph's folder (the export's, which its converted forms
         share: onnxruntime-genai keeps one model per folder), else none."""
         try:
-            model = json.loads(graph.with_name(GENAI_CONFIG).read_text())["model"]
+            model = loads_bounded(graph.with_name(GENAI_CONFIG).read_bytes())["model"]
             eos, pad = model.get("eos_token_id"), model.get("pad_token_id")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return cls()

@@ -1,16 +1,13 @@
-"""Atomic file writes: a reader never sees a half-written file, nor half of a set of files.
+"""Atomic file writes: a reader never sees a half-written file.
 
 A single file is written under a temporary name beside it and renamed over it. A set of files (a
-graph and its task files) is staged the same way, then published by a journal: the list of renames
-is written first, then carried out; a process killed half-way leaves the journal, and whoever opens
-the graph next (an export, a ``VeraSession``) finishes it, so the folder ends with the whole new set.
+graph and its task files) is staged the same way, then published as one (``_publish``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import secrets
@@ -102,11 +99,6 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def journal_path(graph: str | os.PathLike) -> Path:
-    graph = Path(graph)
-    return graph.with_name(f".{graph.name}{JOURNAL_SUFFIX}")
-
-
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block ends: a publish is never cut short by them."""
@@ -120,49 +112,18 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _carry_out(plan: dict) -> None:
-    for tmp, final in plan["renames"]:
-        if os.path.lexists(tmp):
-            os.replace(tmp, final)
-    for path in plan["remove"]:
-        Path(path).unlink(missing_ok=True)
-
-
-def publish(graph: str | os.PathLike, renames: dict[Path, Path], remove: list[Path], pause=None) -> None:
-    """Rename every staged file (``{staged: final}``) into place and remove ``remove``, as one set.
-
-    ``pause`` (tests only) is called after the first rename, to kill a publish half-way."""
-    journal = journal_path(graph)
-    plan = {"renames": [[str(t), str(f)] for t, f in renames.items()], "remove": [str(p) for p in remove]}
-    for staged in renames:
-        os.chmod(staged, MODE)
-    with atomic_path(journal) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(plan, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    with signals_deferred():
-        first, *rest = plan["renames"] or [None]
-        if first:
-            os.replace(*first)
-            if pause:
-                pause()
-        _carry_out({"renames": rest, "remove": plan["remove"]})
-        journal.unlink()
-
-
-def finish_publish(graph: str | os.PathLike) -> bool:
-    """Finish a publish that a killed process left half-done; True if there was one."""
-    journal = journal_path(graph)
-    if not journal.is_file():
-        return False
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths reach one file (the same name, a symbolic link to it, or a hard link)."""
     try:
-        plan = json.loads(journal.read_text(encoding="utf-8"))
-        _carry_out(plan)
-        journal.unlink()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OSError(
-            f"{journal} records an export that was interrupted while its files were renamed, and it cannot be"
-            f" finished ({exc}): export the model again into {journal.parent}."
-        ) from None
-    return True
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet), or cannot be reached
+        return False
+
+
+def refuse_overwriting(outputs, inputs, error=ValueError) -> None:
+    """Raise ``error`` when an output path would replace one of the command's input files."""
+    for out in outputs:
+        for source in inputs:
+            if same_file(out, source):
+                raise error(f"{out} is {source}, an input of this command: writing it would destroy the input;"
+                            " choose another output path.")

@@ -1,6 +1,11 @@
 """Reading a task from any file a user may have: our task file, an .onnx_adapter, or PEFT's
-``adapter_model.safetensors``. Each reader returns the tensors without the task dimension, or
-raises TaskFileError naming the file and the tensor."""
+``adapter_model.safetensors``. Each reader checks what the file declares against the graph before it
+reads any tensor, returns the tensors without the task dimension, or raises TaskFileError naming the
+file and the tensor.
+
+Integrity: native task files carry a SHA-256 of their tensors. The other two formats have no room for
+one: an .onnx_adapter is compared with the native task file written beside it (when present); a PEFT
+file's stored A and B are covered by the fingerprint, its λ only by the shape and finiteness checks."""
 
 from __future__ import annotations
 
@@ -12,14 +17,20 @@ from ._contract import Contract, fingerprint
 from ._jsonio import read_adapter_config
 from ._taskfile import (
     ADAPTER_SUFFIX,
+    KEY_DIGEST,
+    TASK_SUFFIX,
     Task,
     TaskFileError,
     adapter_model_version,
+    adapter_size_limit,
+    check_entries,
     check_task,
     looks_native,
     native_task,
     read_onnx_adapter,
-    read_safetensors,
+    read_safetensors_header,
+    read_safetensors_tensors,
+    tensors_digest,
 )
 
 _PEFT_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
@@ -27,7 +38,7 @@ _PEFT_PREFIX = "base_model."
 
 
 def _from_adapter(path: Path, contract: Contract) -> Task:
-    version, tensors = read_onnx_adapter(path)
+    version, tensors = read_onnx_adapter(path, adapter_size_limit(contract))
     if version != adapter_model_version(contract.fingerprint):
         raise TaskFileError(
             f"{path} was made for another graph (its model_version {version} is not this graph's"
@@ -39,7 +50,23 @@ def _from_adapter(path: Path, contract: Contract) -> Task:
                 f"{path}: tensor '{name}' is {list(array.shape)}; an adapter feed has a leading task dimension"
                 " of 1 ([1, n], or [1, out, in] for a head weight). Re-export the task with vera-export."
             )
-    return Task(path.stem, contract.fingerprint, {name: array[0] for name, array in tensors.items()})
+    task = Task(path.stem, contract.fingerprint, {name: array[0] for name, array in tensors.items()})
+    _check_against_native(path, task)
+    return task
+
+
+def _check_against_native(path: Path, task: Task) -> None:
+    """An adapter written beside a native task file holds the same tensors: the native file's digest
+    catches a changed byte in the adapter."""
+    native = path.with_name(path.name[: -len(ADAPTER_SUFFIX)] + TASK_SUFFIX)
+    if not native.is_file():
+        return
+    recorded = read_safetensors_header(native).metadata.get(KEY_DIGEST)
+    if recorded and recorded != tensors_digest(task.tensors):
+        raise TaskFileError(
+            f"{path} does not hold the tensors of {native.name}, the task file written with it: one of them was"
+            " damaged or edited after export. Re-export the task with `vera-export task`."
+        )
 
 
 def _peft_fingerprint(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> str:
@@ -90,12 +117,21 @@ def load_any_task(path: str | Path, contract: Contract) -> Task:
 
 
 def _from_safetensors(path: Path, contract: Contract) -> Task:
-    metadata, tensors = read_safetensors(path)
-    if looks_native(metadata):
-        return native_task(metadata, tensors, str(path))
-    if not any("vera_lambda" in name for name in tensors) or not all(n.startswith(_PEFT_PREFIX) for n in tensors):
+    header = read_safetensors_header(path)
+    if looks_native(header.metadata):
+        return native_task(path, header, contract)
+    names = header.entries
+    if not any("vera_lambda" in name for name in names) or not all(n.startswith(_PEFT_PREFIX) for n in names):
         raise TaskFileError(
             f"{path} is neither a vera-export task file nor a PEFT VeRA adapter file (adapter_model.safetensors,"
             " keys base_model.…vera_lambda_*): give a file the exporter or PEFT wrote."
         )
-    return _from_peft(path, tensors, contract)
+    check_entries(header, contract.task_shapes(), str(path), optional=_projection_shapes(contract))
+    return _from_peft(path, read_safetensors_tensors(path, header), contract)
+
+
+def _projection_shapes(contract: Contract) -> dict[str, tuple[int, int]]:
+    """The shapes of A and B a PEFT file may store: [r, max_in] and [max_out, r] over the adapted layers."""
+    max_in = max(layer.in_features for layer in contract.layers)
+    max_out = max(layer.out_features for layer in contract.layers)
+    return dict(zip(_PEFT_PROJECTIONS, ((contract.r, max_in), (max_out, contract.r)), strict=True))

@@ -16,17 +16,18 @@ import onnxruntime as ort
 
 from ._contract import Contract
 from ._device import create_session
-from ._errors import FeedError
+from ._errors import FeedError, GraphError
 from ._feeds import InputInfo, check_feeds
 from ._generate import CacheLayout, Sampling, TokenIds, cache_step, check_length, check_prompt, stream
-from ._io import file_problem, finish_publish
+from ._hot import HotTemplate
+from ._io import file_problem
 from ._loaders import load_any_task
-from ._taskfile import TaskFileError, check_task_name, task_files_beside
+from ._publish import finish_publish
+from ._taskfile import check_task_name, task_files_beside
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
 _HOT_AFTER = 8  # consecutive single-task calls before a task is specialised: alternating tasks don't thrash
 _INHERITED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
-HOT_SUFFIX = ".hot.onnx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,8 @@ class VeraSession:
     the GPU once, when loaded, and runs bind them with IOBinding.
 
     ``hot_tasks``: how many tasks to also serve at merged-graph speed, from the hot template
-    (``<stem>.hot.onnx``, written by ``vera-export --hot-template``). A task used for 8 calls in a row
+    (``<stem>.hot.onnx``, written by ``vera-export --hot-template``; used only when its content hashes to
+    the digest the graph records, else never, with one warning). A task used for 8 calls in a row
     with ``task=`` is specialised in the background while the factored graph keeps serving it; the least
     recently specialised task is dropped beyond ``hot_tasks``. Default: 1 when the template
     exists, else 0. Each hot task holds a session, so a copy of the weights, in memory.
@@ -87,10 +89,7 @@ class VeraSession:
         hot_tasks: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
-        try:
-            finish_publish(self.model_path)  # an export killed while renaming its files: finish it first
-        except OSError as exc:
-            raise TaskFileError(str(exc)) from None
+        finish_publish(self.model_path)  # an export killed while renaming its files: finish it (checked) first
         if problem := file_problem(self.model_path):
             raise FileNotFoundError(f"graph file {self.model_path} {problem}.")
         options = session_options or ort.SessionOptions()
@@ -111,9 +110,10 @@ class VeraSession:
         self._tasks: dict[str, _LoadedTask] = {}
         self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.hot_template = self.model_path.with_name(self.model_path.with_suffix("").name + HOT_SUFFIX)
+        self._template = HotTemplate(self.model_path, self.contract.hot_template_sha256)
+        self.hot_template = self._template.path
         if hot_tasks is None:
-            hot_tasks = 1 if self.hot_template.is_file() else 0
+            hot_tasks = 1 if self._template.exists() else 0
         self.hot_tasks = hot_tasks
         self._hot: collections.OrderedDict[str, _HotSession] = collections.OrderedDict()
         self._pending: dict[str, concurrent.futures.Future] = {}
@@ -248,10 +248,12 @@ class VeraSession:
 
     def specialize(self, name: str) -> concurrent.futures.Future:
         """Build ``name``'s hot session in the background; the returned future completes when it serves."""
-        if not self.hot_template.is_file():
+        if not self._template.exists():
             raise FileNotFoundError(
                 f"no hot template {self.hot_template}: export with `vera-export ... --hot-template`."
             )
+        if problem := self._template.problem():
+            raise GraphError(problem)
         with self._lock:
             return self._schedule(self._get(name))
 
@@ -271,12 +273,14 @@ class VeraSession:
             return hot
         streak = self._streak[1] + 1 if self._streak[0] == task else 1
         self._streak = (task, streak)
-        if streak >= _HOT_AFTER and task in self._tasks and self.hot_template.is_file():
+        if streak >= _HOT_AFTER and task in self._tasks and self._template.exists() and not self._template.refused():
             self._schedule(self._tasks[task])
         return None
 
     def _build_hot(self, task: _LoadedTask) -> None:
         try:
+            if self._template.problem():  # checked (and warned about) once; never built from
+                return
             options = ort.SessionOptions()
             options.log_severity_level = 3
             options.intra_op_num_threads = self._options.intra_op_num_threads
@@ -287,9 +291,6 @@ class VeraSession:
             # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
             options.add_external_initializers(list(task.feeds), values)
             session = ort.InferenceSession(str(self.hot_template), options, providers=["CPUExecutionProvider"])
-            metadata = session.get_modelmeta().custom_metadata_map
-            if Contract.from_metadata(metadata, str(self.hot_template)).fingerprint != self.contract.fingerprint:
-                raise TaskFileError(f"{self.hot_template} belongs to another graph than {self.model_path}.")
             with self._lock:
                 if self._tasks.get(task.name) is task:  # not unloaded or replaced meanwhile
                     self._hot[task.name] = _HotSession(task, session, values)

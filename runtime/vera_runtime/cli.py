@@ -9,20 +9,23 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ._contract import ContractError
-from ._errors import DeviceError, FeedError
-from ._io import file_problem
+from ._contract import Contract
+from ._device import create_session
+from ._errors import FeedError, VeraError, shown
+from ._io import atomic_write_bytes, file_problem, refuse_overwriting
 from ._jsonio import json_inputs, parse_json
+from ._publish import pending_journal
 from ._session import VeraSession
 from ._taskfile import TaskFileError, read_task, task_files_beside
 from ._text import encode_left_padded, load_tokenizer
 
-_EXPECTED = (ContractError, DeviceError, FeedError, TaskFileError, FileNotFoundError, KeyError)
+_EXPECTED = (VeraError, FileNotFoundError, KeyError)
 
 
 def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
@@ -66,11 +69,6 @@ def _session(args) -> VeraSession:
     return session
 
 
-def _printable(text: str) -> str:
-    """Text from a file, with control characters escaped: metadata must not drive the terminal."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 def _summary(array: np.ndarray, width: int = 4) -> str:
     flat = np.asarray(array).reshape(-1)
     values = " ".join(f"{v:.4g}" for v in flat[:width])
@@ -78,31 +76,45 @@ def _summary(array: np.ndarray, width: int = 4) -> str:
 
 
 def _cmd_tasks(args) -> None:
-    session = VeraSession(args.graph, device="cpu", session_options=_quiet_options(args))
-    print(f"{args.graph}: default task '{session.default_task}'")
+    """Read only: unlike a VeraSession, it neither finishes an interrupted publish nor builds anything."""
+    if problem := file_problem(args.graph):
+        raise FileNotFoundError(f"graph file {args.graph} {problem}.")
+    ort_session, _ = create_session(args.graph, "cpu", _quiet_options(args))
+    contract = Contract.from_metadata(ort_session.get_modelmeta().custom_metadata_map, args.graph)
+    print(f"{shown(args.graph, 400)}: default task '{contract.default_task}'")
+    if journal := pending_journal(args.graph):
+        print(f"  note: {shown(journal.name)} records an export interrupted while it put its files in place;"
+              " opening the graph with VeraSession (vera-run run) or exporting again finishes it.")
     for path in task_files_beside(args.graph).values():
         try:
-            task = read_task(path, session.contract)
-            print(f"  {_printable(task.name):<20} {path.name}")
+            task = read_task(path, contract)
+            print(f"  {shown(task.name, 64):<20} {shown(path.name)}")
         except TaskFileError as exc:
-            print(f"  {'(refused)':<20} {path.name}: {_printable(str(exc))}")
+            print(f"  {'(refused)':<20} {shown(path.name)}: {shown(exc, 2000)}")
 
 
 def _cmd_run(args) -> None:
+    if args.out:  # before anything runs: an output never replaces an input
+        refuse_overwriting([args.out], [args.input, args.graph], FeedError)
     session = _session(args)
     results = session.run(read_inputs(Path(args.input), session), task=args.task)
     if args.out:
-        np.savez(args.out, **results)
+        buffer = io.BytesIO()
+        np.savez(buffer, **results)
+        try:
+            atomic_write_bytes(args.out, buffer.getvalue())
+        except OSError as exc:  # name the file asked for, not its temporary twin
+            raise OSError(exc.errno, exc.strerror, args.out) from exc
         print(f"Wrote {args.out}")
     for name, value in results.items():
-        print(f"{name}: {_summary(value)}")
+        print(f"{shown(name)}: {_summary(value)}")
 
 
 def _cmd_compare(args) -> None:
     session = _session(args)
     feeds = read_inputs(Path(args.input), session)
     output = args.output or session.output_names[0]
-    print(f"{'task':<20} {output} (row 0)")
+    print(f"{'task':<20} {shown(output)} (row 0)")
     for name in session.tasks:
         value = session.run(feeds, task=name, outputs=[output])[output]
         print(f"{name:<20} {_summary(value[0], width=6)}")
@@ -121,7 +133,18 @@ def _cmd_generate(args) -> None:
     for i, row in enumerate(out[:, ids.shape[1]:]):
         text = tokenizer.decode([int(t) for t in row], skip_special_tokens=True)
         label = f"[{tasks[i] if tasks else args.task or session.default_task}] " if len(args.prompt) > 1 else ""
-        print(f"{label}{_printable(text)}")
+        print(f"{label}{shown(text, 1 << 20)}")
+
+
+def _message(exc: Exception) -> str:
+    """What failed, in words: ours as they are, OS errors by file, anything else marked unexpected."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.filename:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}."
+    if isinstance(exc, _EXPECTED):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)"
 
 
 def _graph_command(commands, name: str, func, text: str, inputs: bool = True) -> argparse.ArgumentParser:
@@ -168,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for every failure; the traceback only with --verbose
         if args.verbose:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        if not isinstance(exc, _EXPECTED):
-            message = f"unexpected {type(exc).__name__}: {message} (rerun with --verbose for the traceback)"
-        print(f"Error: {_printable(str(message))}", file=sys.stderr)
+        print(f"Error: {shown(_message(exc), 4000)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,7 +1,8 @@
 """``vera-serve``: a Ray Serve application around ``VeraSession`` that batches requests of different tasks.
 
     vera-serve GRAPH [--load NAME=PATH]... [--tasks-beside] [--host 127.0.0.1] [--port 8000]
-               [--replicas N] [--max-batch 16] [--batch-wait-ms 5] [--max-body-mb 8] [--address RAY_ADDRESS]
+               [--replicas N] [--max-batch 16] [--batch-wait-ms 5] [--max-body-mb 8] [--max-rows 256]
+               [--max-tokens 16384] [--address RAY_ADDRESS]
 
 HTTP API (JSON):
     POST /v1/run    {"task": NAME, "inputs": {...}} or {"tasks": [NAME per row], "inputs": {...}}
@@ -9,7 +10,8 @@ HTTP API (JSON):
     GET  /v1/tasks  -> {"tasks": [...], "default": NAME}
     GET  /v1/health -> {"status": "ok"}
     GET  /v1/stats  -> {"batches": {size: count}, "node": ID}  (of the replica that answers)
-Errors are 4xx with {"error": "..."}; the server keeps serving. Needs ``pip install "vera-runtime[serve]"``.
+Errors are 4xx with {"error": "..."} (413 beyond the body, row or token limits; 503 with Retry-After when
+the replica running a request dies); the server keeps serving. Needs ``pip install "vera-runtime[serve]"``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import sys
 import threading
 
-from ._batching import DEFAULT_MAX_BODY
+from ._batching import DEFAULT_MAX_BODY, DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, Limits
 from ._session import VeraSession
 
 
@@ -32,6 +34,13 @@ def _loads(entries: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"vera-serve: error: --load {entry!r}: expected NAME=PATH")
         loads[name] = path
     return loads
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=16, help="requests per batch at most")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / (1 << 20))
+    parser.add_argument("--max-rows", type=_positive, default=DEFAULT_MAX_ROWS, help="rows per request at most")
+    parser.add_argument("--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS,
+                        help="rows x sequence per request at most; also the most one run takes")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--loopback", action="store_true",
                         help="with --address: a cluster whose nodes all run on this machine (over 127.0.0.1)")
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ._serve_app import VeraServer
+    from ._serve_app import application
 
     # "local": a Ray of our own, never one that another program left running on this machine
     ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -77,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        options = {"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": args.replica_cpus}}
-        app = VeraServer.options(**options).bind(
+        app = application(
             os.path.abspath(args.graph), {k: os.path.abspath(v) for k, v in loads.items()}, args.tasks_beside,
-            args.max_batch, args.batch_wait_ms, int(args.max_body_mb * (1 << 20)))
+            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, limits=Limits(args.max_rows, args.max_tokens),
+            max_body=int(args.max_body_mb * (1 << 20)), replicas=args.replicas, replica_cpus=args.replica_cpus)
         serve.run(app, name="vera", route_prefix="/", blocking=False)
         print(f"vera-serve: serving {args.graph} on http://{args.host}:{args.port}/v1/run", flush=True)
         stop.wait()
