@@ -6,7 +6,8 @@ dimension (e.g. the same sequence length). Requests of other shapes form groups 
 padding, so a batched response is the response the request gets alone.
 
 Memory is bounded per request (``Limits``: rows, and tokens = rows × the sizes of the inputs' symbolic
-dimensions) and per run: a group larger than one request's token budget runs in slices of that budget.
+dimensions) and per run: a group of requests, or one large request, runs in slices of at most
+``Limits.run_tokens`` tokens, so a run's activations stay within one slice's whatever was accepted.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from ._session import VeraSession
 
 DEFAULT_MAX_BODY = 8 << 20  # bytes of JSON a request may send
 DEFAULT_MAX_ROWS = 256
-DEFAULT_MAX_TOKENS = 16_384  # e.g. 32 rows of 512 tokens: a few hundred MB of activations for BERT-base
+DEFAULT_MAX_TOKENS = 16_384  # e.g. 32 rows of 512 tokens
+RUN_TOKENS = 4_096  # per ONNX Runtime run: 8 rows of 512 tokens of BERT-base is ~100 MB of activations
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; beyond it, 413. One run never takes more than ``max_tokens``."""
+    """What one request may ask for (beyond it, 413), and the most tokens one run takes."""
 
     max_rows: int = DEFAULT_MAX_ROWS
     max_tokens: int = DEFAULT_MAX_TOKENS
+    run_tokens: int = RUN_TOKENS
 
 
 class RequestError(ValueError):
@@ -117,7 +120,7 @@ def _rows(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, 
     return rows
 
 
-def run_batch(requests: list[Request], session: VeraSession, max_tokens: int = DEFAULT_MAX_TOKENS) -> list:
+def run_batch(requests: list[Request], session: VeraSession, max_tokens: int = RUN_TOKENS) -> list:
     """Outputs per request (or the exception its run raised), with one ``session.run`` per group of
     stackable requests, in slices of at most ``max_tokens`` tokens. A failing group is run again one
     request at a time, so that one request's failure is not its neighbours'."""

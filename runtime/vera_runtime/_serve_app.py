@@ -8,7 +8,9 @@ Ray's router sends new requests to the replicas still alive.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import ctypes
 import json
 
 import numpy as np
@@ -37,6 +39,14 @@ def _options() -> ort.SessionOptions:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: +200 MB after a 30,000-row
+    request, measured). Elsewhere, a no-op."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _reply(status: int, body: dict, headers: dict[str, str] | None = None) -> Reply:
@@ -93,12 +103,14 @@ class VeraModel:
             return _error(422, f"output '{bad[0]}' holds NaN or Inf for these inputs, which JSON cannot carry"
                                " (e.g. a row whose attention_mask is all 0).")
         body = {"task": request.asked, "outputs": {name: value.tolist() for name, value in outputs.items()}}
+        if len(request.rows) * request.tokens_per_row > self.limits.run_tokens:  # a large request: once answered,
+            asyncio.get_running_loop().call_later(0.5, _release_memory)  # its memory goes back to the OS
         return _reply(200, body, {"X-Vera-Batch": str(batch), "X-Vera-Node": self.node})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _run(self, requests: list[Request]) -> list[tuple[dict | Exception, int]]:
         self.batches[len(requests)] += 1
-        return [(outputs, len(requests)) for outputs in run_batch(requests, self.session, self.limits.max_tokens)]
+        return [(outputs, len(requests)) for outputs in run_batch(requests, self.session, self.limits.run_tokens)]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
