@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 import vera_models
 from vera_export import convert
 from vera_runtime import VeraSession
-from vera_runtime._taskfile import task_files_beside
+from vera_runtime._taskfile import KEY_DIGEST, task_files_beside, tensors_digest
 
 JS = Path(__file__).resolve().parents[1] / "runtime" / "js"
 CI = os.environ.get("CI", "").lower() in ("1", "true")
@@ -64,15 +64,19 @@ def _refusals(folder: Path, encoder: Path, foreign_task: Path) -> dict:
     first = next(iter(tensors))
     nan = dict(tensors) | {first: np.full_like(tensors[first], np.nan)}
     wrong = dict(tensors) | {first: np.zeros(tensors[first].size + 1, np.float32)}
-    save_file(nan, folder / "nan.task.safetensors", metadata=metadata)
+    save_file(nan, folder / "nan.task.safetensors", metadata=metadata | {KEY_DIGEST: tensors_digest(nan)})
     save_file(wrong, folder / "wrong_shape.task.safetensors", metadata=metadata)
+    tampered = bytearray(task.read_bytes())
+    tampered[-3] ^= 0x10  # one bit of the last tensor's bytes
+    (folder / "tampered.task.safetensors").write_bytes(bytes(tampered))
     save_file(tensors, folder / "not_a_task.safetensors")
     (folder / "truncated.task.safetensors").write_bytes(task.read_bytes()[:60])
     shutil.copy(foreign_task, folder / "foreign.task.safetensors")
     shutil.copy(encoder, folder / "encoder-defaults.onnx")
     return {"graph_with_defaults": "encoder-defaults.onnx", "foreign": "foreign.task.safetensors",
             "nan": "nan.task.safetensors", "wrong_shape": "wrong_shape.task.safetensors",
-            "not_a_task": "not_a_task.safetensors", "truncated": "truncated.task.safetensors"}
+            "not_a_task": "not_a_task.safetensors", "truncated": "truncated.task.safetensors",
+            "tampered": "tampered.task.safetensors"}
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from vera_export.cli import main as export_main
-from vera_runtime import ContractError, TaskFileError, VeraSession
-from vera_runtime._errors import FeedError, GraphError
-from vera_runtime._publish import JournalError, journal_path
+from vera_runtime import ContractError, FeedError, GraphError, JournalError, TaskFileError, VeraSession
+from vera_runtime._publish import journal_path
 from vera_runtime.cli import main as run_main
 
 # -- helpers ----------------------------------------------------------------------------------------------

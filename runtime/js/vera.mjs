@@ -10,6 +10,8 @@ export const CONTRACT_VERSION = '1';
 const TASK_FORMAT = 'vera-task';
 const TASK_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 const MAX_HEADER = 100 * 1024 * 1024;
+const DIGEST_KEY = 'vera.tensors_sha256'; // SHA-256 of a native task file's tensors (vera_runtime._taskfile)
+const utf8encode = new TextEncoder();
 
 export class ContractError extends Error { name = 'ContractError'; }
 export class TaskFileError extends Error { name = 'TaskFileError'; }
@@ -156,8 +158,60 @@ function tensorOf(name, entry, data, source) {
     throw new TaskFileError(`${source} is not a readable task file (truncated or corrupt?): '${name}' has the wrong byte length.`);
   }
   // slice() copies: the copy is aligned for a Float32Array whatever the header length was
-  const values = dtype === 'F32' ? new Float32Array(data.slice(offsets[0], offsets[1]).buffer) : null;
-  return { dtype, shape, values };
+  const bytes = data.slice(offsets[0], offsets[1]);
+  const values = dtype === 'F32' ? new Float32Array(bytes.buffer) : null;
+  return { dtype, shape, values, bytes };
+}
+
+// SHA-256 (FIPS 180-4), synchronous, for the digest native task files carry: loadTask stays synchronous in
+// browsers, where crypto.subtle.digest is asynchronous only.
+const SHA_K = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98, 0x12835b01,
+  0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc,
+  0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147,
+  0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08,
+  0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208,
+  0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2]);
+const ror = (x, n) => (x >>> n) | (x << (32 - n));
+
+function sha256Hex(bytes) {
+  const padded = new Uint8Array(((bytes.length + 72) >> 6) << 6);
+  padded.set(bytes);
+  padded[bytes.length] = 0x80;
+  const view = new DataView(padded.buffer);
+  view.setUint32(padded.length - 8, Math.floor(bytes.length / 0x20000000));
+  view.setUint32(padded.length - 4, (bytes.length << 3) >>> 0);
+  const hash = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+  const w = new Uint32Array(64);
+  for (let block = 0; block < padded.length; block += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(block + 4 * i);
+    for (let i = 16; i < 64; i++) {
+      const s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    let [a, b, c, d, e, f, g, h] = hash;
+    for (let i = 0; i < 64; i++) {
+      const t1 = h + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) + SHA_K[i] + w[i];
+      const t2 = (ror(a, 2) ^ ror(a, 13) ^ ror(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      [h, g, f, e, d, c, b, a] = [g, f, e, (d + t1) >>> 0, c, b, a, (t1 + t2) >>> 0];
+    }
+    [a, b, c, d, e, f, g, h].forEach((value, i) => { hash[i] += value; });
+  }
+  return Array.from(hash, (x) => x.toString(16).padStart(8, '0')).join('');
+}
+
+/** The digest vera_runtime writes (``tensors_digest``): each tensor in name order, name, dtype, shape, bytes. */
+function tensorsDigest(tensors) {
+  const parts = [utf8encode.encode('vera-export task tensors v1\0')];
+  for (const name of [...tensors.keys()].sort()) {
+    const tensor = tensors.get(name);
+    parts.push(utf8encode.encode(`${name}\0<f4[${tensor.shape.join(', ')}]\0`), tensor.bytes);
+  }
+  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  parts.reduce((at, part) => { all.set(part, at); return at + part.length; }, 0);
+  return sha256Hex(all);
 }
 
 function describe(tensor) {
@@ -190,10 +244,25 @@ export function readTask(bytes, contract, source = 'task file') {
     if (tensor.dtype !== 'F32' || tensor.shape.join() !== shape.join()) {
       throw new TaskFileError(`${source}: tensor '${name}' is ${describe(tensor)}, the graph needs float32[${shape.join(', ')}].`);
     }
+  }
+  checkDigest(metadata, tensors, source);
+  for (const [name, tensor] of tensors) {
     if (!tensor.values.every(Number.isFinite)) throw new TaskFileError(`${source}: tensor '${name}' holds NaN or Inf values.`);
     values.set(name, tensor.values);
   }
   return values;
+}
+
+function checkDigest(metadata, tensors, source) {
+  const recorded = metadata[DIGEST_KEY];
+  if (!recorded) {
+    throw new TaskFileError(`${source} carries no digest of its tensors ('${DIGEST_KEY}'), so a changed byte could not ` +
+      'be noticed: it was written by vera-export 0.1 or edited. Re-export the task with `vera-export task`.');
+  }
+  if (tensorsDigest(tensors) !== recorded) {
+    throw new TaskFileError(`${source}: its tensors do not match the digest it was written with: the file was damaged ` +
+      'or edited after export. Re-export the task with `vera-export task`, or copy it again.');
+  }
 }
 
 function checkFingerprint(metadata, contract, source) {

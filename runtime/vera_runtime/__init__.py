@@ -1,8 +1,9 @@
 """vera_runtime: the torch-free side of vera-export (numpy, safetensors and onnxruntime only)."""
 
 from ._contract import CONTRACT_VERSION, Contract, ContractError, HeadSpec, LayerSpec, fingerprint
-from ._errors import DeviceError, FeedError
+from ._errors import DeviceError, FeedError, GraphError, VeraError
 from ._feeds import InputInfo
+from ._publish import JournalError
 from ._session import VeraSession
 from ._taskfile import (
     ADAPTER_SUFFIX,
@@ -22,12 +23,15 @@ __all__ = [
     "ContractError",
     "DeviceError",
     "FeedError",
+    "GraphError",
     "HeadSpec",
     "InputInfo",
+    "JournalError",
     "LayerSpec",
     "TASK_SUFFIX",
     "Task",
     "TaskFileError",
+    "VeraError",
     "VeraSession",
     "fingerprint",
     "read_onnx_adapter",

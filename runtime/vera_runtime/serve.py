@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.loopback or not args.address:  # Ray's own traffic over 127.0.0.1 (its default is the LAN address)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not args.address:  # Serve replicas bind an internal gRPC server to [::] whatever we say: keep it authenticated
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"].lower() != "token":
+            print("vera-serve: warning: RAY_AUTH_MODE is not 'token': Ray Serve's replica gRPC servers listen on all"
+                  " interfaces without authentication.", file=sys.stderr)
     import ray
     from ray import serve
 

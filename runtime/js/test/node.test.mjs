@@ -24,7 +24,7 @@ for (const testCase of manifest.cases) {
   });
 }
 
-test('refusals: a graph with task defaults, foreign, damaged and NaN task files', { skip }, async () => {
+test('refusals: a graph with task defaults, foreign, damaged, tampered and NaN task files', { skip }, async () => {
   const refusals = manifest.refusals;
   await assert.rejects(VeraSession.create(ort, await read(refusals.graph_with_defaults)), (error) =>
     error instanceof ContractError && error.message.includes('--to web'));
@@ -35,7 +35,8 @@ test('refusals: a graph with task defaults, foreign, damaged and NaN task files'
   session.loadTask(name, good);
   const before = await session.run(feedsOf(ort, testCase.inputs), { task: name });
   const expect = { foreign: 'was made for another graph', nan: 'holds NaN or Inf', truncated: 'truncated or corrupt',
-    not_a_task: 'not a vera-export task file', wrong_shape: 'the graph needs float32' };
+    not_a_task: 'not a vera-export task file', wrong_shape: 'the graph needs float32',
+    tampered: 'do not match the digest it was written with' };
   for (const [kind, words] of Object.entries(expect)) {
     const bad = await read(refusals[kind]);
     assert.throws(() => session.loadTask(name, bad, refusals[kind]), (error) =>
