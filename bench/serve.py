@@ -7,7 +7,9 @@ MiniLM with 8 tasks (the two shipped ones and six more), one-row requests of 32 
 task, from 1, 4 and 16 concurrent clients over HTTP on 127.0.0.1. Variants, measured in one run:
 - batched: one deployment, all 8 tasks, requests of any tasks merged into one run (max batch 16, 5 ms);
 - max-batch 1: the same deployment, every request run alone;
-- one deployment per task: 8 deployments of one task each (each batching its own task's requests).
+- one deployment per task: 8 deployments of one task each (each batching its own task's requests);
+- batched, no ingress hop: the batched model deployment taking HTTP itself, as vera-serve did before
+  issue 17 put an ingress in front of it (which turns a replica's death into a 503): the hop's cost.
 Writes bench/results/serve.md.
 """
 
@@ -95,6 +97,23 @@ def _load(clients: int, names: list[str], path_of) -> dict:
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000}
 
 
+def _direct(graph: str, loads: dict[str, str]):
+    """The model deployment answering HTTP itself, without vera-serve's ingress in front."""
+    from ray import serve
+    from starlette.responses import Response
+
+    from vera_runtime._serve_app import VeraModel
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    class Direct(VeraModel.func_or_class):
+        async def __call__(self, http):
+            path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"
+            status, payload, headers = await self.handle(http.method, path, await http.body())
+            return Response(payload, status_code=status, headers=headers, media_type="application/json")
+
+    return Direct.bind(graph, loads, False, 16, 5.0)
+
+
 def main() -> None:
     import ray
     from ray import serve
@@ -110,11 +129,13 @@ def main() -> None:
         "batched (max batch 16)": {"all": (tasks, 16)},
         "max-batch 1": {"all": (tasks, 1)},
         "one deployment per task": {n: ({n: p}, 16) for n, p in tasks.items()},
+        "batched, no ingress hop": {"all": (tasks, None)},
     }
     for variant, apps in variants.items():
         for app, (loads, max_batch) in apps.items():
-            serve.run(application(str(graph), loads, False, max_batch=max_batch), name=f"app-{app}",
-                      route_prefix=f"/{app}")
+            bound = _direct(str(graph), loads) if max_batch is None else application(str(graph), loads, False,
+                                                                                       max_batch=max_batch)
+            serve.run(bound, name=f"app-{app}", route_prefix=f"/{app}")
         path_of = (lambda task: "/all/v1/run") if "all" in apps else (lambda task: f"/{task}/v1/run")
         for clients in CLIENTS:
             results[(variant, clients)] = _load(clients, names, path_of)
@@ -133,8 +154,12 @@ def _write(results: dict) -> None:
         ratio = r["rps"] / results[("max-batch 1", clients)]["rps"]
         lines.append(f"| {variant} | {clients} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | {ratio:.2f}× |")
     out = ROOT / "bench" / "results" / "serve.md"
+    hop = {c: results[("batched (max batch 16)", c)]["rps"] / results[("batched, no ingress hop", c)]["rps"]
+           for c in CLIENTS}
+    ingress = [f"{c} clients {ratio:.2f}×" for c, ratio in hop.items()]
     out.write_text("# vera-serve on MiniLM, 8 tasks, one-row requests (python bench/serve.py)\n\n"
-                   + "\n".join(lines) + "\n")
+                   + "\n".join(lines) + "\n\nThroughput with vera-serve's ingress hop relative to without it: "
+                   + ", ".join(ingress) + ".\n")
     print(out.read_text())
 
 
