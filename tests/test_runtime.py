@@ -216,7 +216,7 @@ def test_unload_task(vera):
     assert sess.tasks == ("default", "b")
     with pytest.raises(FeedError, match="task 'a' is not loaded"):
         sess.run(_feeds(), task="a")
-    with pytest.raises(KeyError, match="task 'a' is not loaded"):
+    with pytest.raises(FeedError, match="task 'a' is not loaded"):
         sess.unload_task("a")
 
 

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from vera_runtime._io import atomic_path, file_problem
 
 from ._errors import UntrustedFileError, VeraExportError
+from ._graphfile import refuse_graph_as_model
 from ._layer import PROJECTION_ATTR, VeraConfig, VeraLinear, VeraProjection, apply_vera
 from ._options import TRUST_FLAG
 
@@ -76,6 +77,7 @@ def load_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> Loaded
         raise VeraExportError(f"model file {path} {problem}.")
     if path.stat().st_size == 0:
         raise VeraExportError(f"model file {path} is empty: save the model again with torch.save(model, path).")
+    refuse_graph_as_model(path)
     _check_storages(path)
     obj = _unpickle(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -149,15 +151,15 @@ def _unpickle(path: Path, trust_pickle: bool):
             raise UntrustedFileError(
                 f"{path} needs class {blocked[1]}, which vera-export does not trust: unpickling it"
                 f" runs code from the file. If you trust {path.name}, rerun with {TRUST_FLAG}."
-            ) from None
-        raise _unreadable(path, exc) from None
+            ) from exc
+        raise _unreadable(path, exc) from exc
     except (AttributeError, ModuleNotFoundError) as exc:
         raise VeraExportError(
-            f"{path} needs code that cannot be imported here ({exc}): make the model's module"
-            " importable (pip install it, or run from its folder)."
-        ) from None
+            f"{path} needs code that cannot be imported here ({exc}): make the model's module importable"
+            " (pip install it, or put its folder on the path: PYTHONPATH=FOLDER vera-export ...)."
+        ) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, zipfile.BadZipFile) as exc:
-        raise _unreadable(path, exc) from None
+        raise _unreadable(path, exc) from exc
 
 
 def _unreadable(path: Path, exc: Exception) -> VeraExportError:
@@ -179,7 +181,7 @@ def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:
         model = _build(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise VeraExportError(f"{path} is a damaged vera-export checkpoint: {exc}") from None
+        raise VeraExportError(f"{path} is a damaged vera-export checkpoint: {exc}") from exc
     return LoadedModel(model.eval(), checkpoint.get("task"))
 
 

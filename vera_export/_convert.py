@@ -116,7 +116,7 @@ def _write(proto, path: Path, ort_out: Path | None) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         first = str(exc).splitlines()[0]
-        raise VeraExportError(f"the converted graph fails onnx.checker: {first}; please report it.") from None
+        raise VeraExportError(f"the converted graph fails onnx.checker: {first}; please report it.") from exc
     if ort_out is not None:
         from ._targets.ort import save_as_ort
 

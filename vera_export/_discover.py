@@ -90,7 +90,9 @@ def _our_layer(name: str, module: VeraLinear) -> AdaptedLayer:
     )
 
 
-def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer:
+def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer | None:
+    """The layer as the active adapter sees it; None where that adapter does not adapt it (an adapter
+    targeting other modules: PEFT's forward runs such a layer as its base layer, and so does the graph)."""
     if getattr(module, "merged", False):
         raise VeraExportError(f"PEFT layer '{name}' is merged: call model.unmerge_adapter() before exporting.")
     if getattr(module, "disable_adapters", False):
@@ -102,6 +104,8 @@ def _peft_layer(name: str, module: nn.Module, root: nn.Module) -> AdaptedLayer:
             " with model.set_adapter(NAME); the others become task files."
         )
     adapter = active[0]
+    if adapter not in module.vera_lambda_d:
+        return None
     config = getattr(root, "peft_config", {}).get(adapter)
     seed = getattr(config, "projection_prng_key", None)
     return AdaptedLayer(
@@ -169,7 +173,8 @@ def _find_layers(model: nn.Module) -> list[AdaptedLayer]:
         if isinstance(module, VeraLinear):
             layers.append(_our_layer(name, module))
         elif peft_kinds and isinstance(module, peft_kinds[0]):
-            layers.append(_peft_layer(name, module, model))
+            if (layer := _peft_layer(name, module, model)) is not None:
+                layers.append(layer)
         elif peft_kinds and isinstance(module, peft_kinds[1]):
             tuner = type(module).__module__.split(".")[-2]  # peft.tuners.<tuner>.layer
             raise VeraExportError(

@@ -1,7 +1,9 @@
 """The exporter's exceptions. Every message names the file, layer or input and says what to do."""
 
+from vera_runtime import VeraError
 
-class VeraExportError(Exception):
+
+class VeraExportError(VeraError):
     """Raised for any input vera-export cannot handle; the CLI prints it as one line."""
 
 

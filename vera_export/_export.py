@@ -65,6 +65,24 @@ def model_input_specs(model: nn.Module, inputs: Sequence[str | InputSpec] | None
     return parse_specs(describe())
 
 
+def not_float32(model: nn.Module) -> str | None:
+    """The first floating parameter or buffer that is not float32, as ``'name' (dtype)``; None if none."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            return f"'{name}' ({str(tensor.dtype).removeprefix('torch.')})"
+    return None
+
+
+def _check_float32(model: nn.Module) -> None:
+    """The graph is float32 (``convert --to fp16`` makes a half-precision form of it): a half-precision
+    model is refused up front, rather than converted behind the caller's back or failing in ONNX Runtime."""
+    if found := not_float32(model):
+        raise VeraExportError(
+            f"{type(model).__name__} has {found} weights: vera-export traces float32 models. Call model.float()"
+            " before exporting, then `vera-export convert m.onnx --to fp16` for a float16 graph."
+        )
+
+
 def _recipe(adapted: AdaptedModel) -> str:
     """The seed recipe when it reproduces A and B, else a note that they were stored."""
     if adapted.seed is not None:
@@ -242,6 +260,7 @@ def export(
             raise VeraExportError("--kv-cache sets the graph's inputs itself (the genai layout): drop --input.")
         model = model if isinstance(model, CachedCausalLM) else CachedCausalLM(model)
     specs = model_input_specs(model, inputs)
+    _check_float32(model)
     model.eval()
     adapted = find_vera_layers(model, task_name)
     check_task_name(adapted.task_name)
@@ -301,6 +320,7 @@ def stage_task(
     """Stage ``model``'s current λ as task ``task_name`` of the graph ``contract`` describes; ``digest``
     is the model's ``base_digest`` (one per model, whatever the number of its tasks)."""
     adapted = find_vera_layers(model, task_name)
+    _check_float32(model)
     _check_fits(adapted, model, contract, graph, digest)
     return _stage_task(current_task(adapted, contract), graph, stage)
 

@@ -80,8 +80,23 @@ class InputSpec:
         dtype = DTYPES[self.dtype]
         if dtype.is_floating_point:
             return torch.randn(self.shape, generator=generator).to(dtype)
+        if self.name in MASKS and len(self.shape) == 2:
+            return _padded_mask(self.shape, generator).to(dtype)
         high = self.high or 2
         return torch.randint(0, high, self.shape, generator=generator).to(dtype)
+
+
+def _padded_mask(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """A mask as a tokenizer pads a batch: the first row full, the others shorter, padded on the right;
+    never an empty row (random 0/1 masks leave causal positions with nothing to attend to, where PyTorch
+    and ONNX Runtime legitimately differ)."""
+    rows, length = shape
+    lengths = torch.randint(1, length + 1, (rows,), generator=generator)
+    lengths[0] = length
+    return (torch.arange(length)[None, :] < lengths[:, None]).long()
+
+
+MASKS = ("attention_mask", "decoder_attention_mask")
 
 
 def parse_specs(texts) -> list[InputSpec]:

@@ -22,6 +22,7 @@ from ._inputs import Dim, InputSpec
 
 TOTAL = "total_sequence"  # past_sequence + sequence: the attention mask's length and the present's
 _EXAMPLE = {"batch": 2, "sequence": 3, "past_sequence": 5}  # distinct sizes, all >= 2 (see Dim)
+_SMALLEST_PAST = 4  # the least past length distinct from batch and sequence
 
 
 def _language_model(model: nn.Module) -> nn.Module:
@@ -109,6 +110,19 @@ def _sliding_window(model: nn.Module) -> int | None:
     return min(windows) if windows else None
 
 
+def _example_past(window: int | None) -> int:
+    """The past length to trace at: within a sliding window's bound (total <= window - 1), or refused."""
+    room = _EXAMPLE["past_sequence"] if window is None else min(_EXAMPLE["past_sequence"],
+                                                                 window - 1 - _EXAMPLE["sequence"])
+    if room < _SMALLEST_PAST:
+        raise VeraExportError(
+            f"the model's sliding window is {window} tokens: too small to trace a KV-cache graph, which needs"
+            f" {_EXAMPLE['sequence']} new + {_SMALLEST_PAST} past tokens within it (a window of at least"
+            f" {_EXAMPLE['sequence'] + _SMALLEST_PAST + 1}). Export without --kv-cache."
+        )
+    return room
+
+
 class CachedCausalLM(nn.Module):
     """A causal LM whose forward takes and returns the cache as named tensors.
 
@@ -129,15 +143,16 @@ class CachedCausalLM(nn.Module):
     def vera_input_specs(self) -> list[InputSpec]:
         batch, sequence = Dim("batch", _EXAMPLE["batch"]), Dim("sequence", _EXAMPLE["sequence"])
         window = self.window
-        past = Dim("past_sequence", _EXAMPLE["past_sequence"], high=window - 2 if window else None)
-        total = Dim(TOTAL, _EXAMPLE["sequence"] + _EXAMPLE["past_sequence"], derived=True,
+        traced = _example_past(window)
+        past = Dim("past_sequence", traced, high=window - 2 if window else None)
+        total = Dim(TOTAL, _EXAMPLE["sequence"] + traced, derived=True,
                     high=window - 1 if window else None)  # transformers' sliding cache keeps window - 1
         vocab = self.config.vocab_size
         cache = (batch, self.layout.kv_heads, past, self.layout.head_dim)
         return [
             InputSpec("input_ids", "int64", (batch, sequence), vocab),
             InputSpec("attention_mask", "int64", (batch, total), 2),
-            InputSpec("position_ids", "int64", (batch, sequence), _EXAMPLE["past_sequence"]),
+            InputSpec("position_ids", "int64", (batch, sequence), traced),
             *(InputSpec(name, "float32", cache) for name in self.layout.past),
         ]
 

@@ -66,7 +66,7 @@ def load_base(path: Path, chosen: BaseClass) -> nn.Module:
             str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager", **chosen.overrides,
         )
     except Exception as exc:  # transformers raises many types for a bad folder
-        raise VeraExportError(f"cannot load the base model from {path}: {str(exc).splitlines()[0]}") from None
+        raise VeraExportError(f"cannot load the base model from {path}: {str(exc).splitlines()[0]}") from exc
     model.config.use_cache = False  # graphs have no KV cache yet: logits only
     return model.eval()
 
@@ -108,7 +108,7 @@ def load_peft_models(
     except (ValueError, RuntimeError, KeyError) as exc:
         raise VeraExportError(
             f"base model {base_path} does not match the adapters: {str(exc).splitlines()[0]}"
-        ) from None
+        ) from exc
     for adapter in adapters:
         _check_loaded(model, adapter, base_path)
     model.set_adapter(first.name)

@@ -59,7 +59,7 @@ def _read_config(path: Path) -> dict:
     try:
         return read_adapter_config(path / CONFIG)
     except ValueError as exc:
-        raise VeraExportError(str(exc)) from None
+        raise VeraExportError(str(exc)) from exc
 
 
 def read_adapter(name: str, path: str | os.PathLike) -> Adapter:
@@ -81,7 +81,7 @@ def read_adapter(name: str, path: str | os.PathLike) -> Adapter:
     try:
         tensors = load_file(path / WEIGHTS)
     except Exception as exc:  # safetensors raises its own error type for damaged files
-        raise VeraExportError(f"{path / WEIGHTS} is not readable (truncated or corrupt?): {exc}") from None
+        raise VeraExportError(f"{path / WEIGHTS} is not readable (truncated or corrupt?): {exc}") from exc
     adapter = Adapter(name, path, config, tensors)
     if not adapter.lambda_keys:
         raise VeraExportError(f"{path / WEIGHTS} holds no VeRA vectors (vera_lambda_*): re-save the adapter.")

@@ -135,7 +135,7 @@ def choose_class(adapter: Adapter, base: Path, model_class: str | None = None) -
     try:
         config = transformers.AutoConfig.from_pretrained(str(base), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad folder
-        raise VeraExportError(f"cannot read {base / 'config.json'}: {str(exc).splitlines()[0]}") from None
+        raise VeraExportError(f"cannot read {base / 'config.json'}: {str(exc).splitlines()[0]}") from exc
     tried = {}
     for candidate in candidates(adapter, config, model_class):
         resolved = getattr(transformers, candidate.class_name, None)

@@ -71,7 +71,7 @@ class Staging:
             finish_publish(self.graph)  # an earlier export killed between renames: complete its set first
             remove_stale_staging(self.graph.parent)
         except OSError as exc:
-            raise VeraExportError(f"cannot prepare {self.graph.parent}: {exc}") from None
+            raise VeraExportError(f"cannot prepare {self.graph.parent}: {exc}") from exc
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
@@ -157,7 +157,7 @@ def check_writable(out: Path, inputs=()) -> None:
         with tempfile.TemporaryFile(dir=out.parent):
             pass
     except OSError as exc:
-        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from None
+        raise VeraExportError(f"cannot write {out}: {exc.strerror or exc}; choose another --out.") from exc
 
 
 @contextlib.contextmanager
@@ -175,4 +175,4 @@ def writing(out: Path, stage: Staging | None, replaces_set: bool, inputs: tuple[
         failed = out.parent / unstaged(exc.filename) if exc.filename else out
         raise VeraExportError(
             f"cannot write {failed}: {exc.strerror or exc}; free space or choose another --out."
-        ) from None
+        ) from exc

@@ -205,8 +205,16 @@ def _as_export_error(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        summary = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise VeraExportError(f"{what}: {summary} (rerun with --verbose for the full report)") from exc
+        raise VeraExportError(f"{what}: {root_cause(exc)} (rerun with --verbose for the full report)") from exc
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause of a chained exception, as ``Type: first line``: torch.onnx wraps torch.export's
+    error in a report whose first line says only that export failed and where its "Next steps:" are."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @contextlib.contextmanager

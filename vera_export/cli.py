@@ -16,9 +16,10 @@ import click
 from vera_runtime._errors import VeraError, shown
 
 from ._errors import VeraExportError
+from ._graphfile import refuse_graph_as_model
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE, TRUST_FLAG
 
-_EXPECTED = (VeraExportError, VeraError)
+_EXPECTED = (VeraError,)  # the exporter's errors derive from it too
 _TASK_NAME_HELP = "Name of the task (default: the checkpoint's task, or the PEFT adapter folder's name)."
 _MODEL_CLASS_HELP = (
     "PEFT adapters: the transformers class to load the base as, e.g. LlamaForCausalLM (default: from the"
@@ -73,6 +74,7 @@ def main() -> None:
 
     \b
       vera-export MODEL.pt --out m.onnx     export (same as `vera-export export ...`)
+      vera-export ADAPTER_DIR --base BASE_DIR --out m.onnx   export a PEFT VeRA adapter folder
       vera-export task OTHER.pt -g m.onnx  add OTHER's λ as another task of m.onnx
       vera-export convert m.onnx --to int8 --out m.int8.onnx   int8, fp16, web or ort form
       vera-export inspect m.onnx            show a graph's contract and its task files
@@ -132,11 +134,13 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
             click.echo(f"Note: {note}", err=True)
     else:
         _refuse_peft_options(base=base, task=more_tasks, model_class=model_class)
+        refuse_graph_as_model(model_path)
         from ._checkpoint import load_model
         from ._export import export
 
         progress(f"Loading {model_path} ...")
         loaded = load_model(model_path, trust_pickle=trust_pickle)
+        _as_float32(loaded.model, model_path)
         result = export(loaded.model, out, task_name=task_name or loaded.task_name, progress=progress,
                         reads=[model_path], **options)
         peft_result = None
@@ -148,6 +152,16 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     click.echo(f"Wrote task '{result.contract.default_task}': {result.task_path} and {result.adapter_path}")
     for path in peft_result.task_files[1:] if peft_result else ():
         click.echo(f"Wrote task file {path} (and its .onnx_adapter)")
+
+
+def _as_float32(model, model_path: str) -> None:
+    """A model the CLI loaded itself is converted to float32, with a note (the library refuses instead)."""
+    from ._export import not_float32
+
+    if found := not_float32(model):
+        model.float()
+        click.echo(f"Note: {model_path} holds {found} weights; exported in float32 (the graph's precision;"
+                   " `vera-export convert --to fp16` makes a float16 form).", err=True)
 
 
 def _is_adapter_folder(model_path: str) -> bool:
@@ -213,10 +227,12 @@ def task_command(model_path, graph, task_name, trust_pickle, base, model_class, 
                               model_class=model_class, overwrite=overwrite)
     else:
         _refuse_peft_options(base=base, model_class=model_class)
+        refuse_graph_as_model(model_path)
         from ._checkpoint import load_model
         from ._export import add_task
 
         loaded = load_model(model_path, trust_pickle=trust_pickle)
+        _as_float32(loaded.model, model_path)
         paths = add_task(loaded.model, graph, task_name or loaded.task_name, overwrite=overwrite, reads=[model_path])
     for path in paths:
         click.echo(f"Wrote {path}")

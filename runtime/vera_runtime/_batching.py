@@ -75,7 +75,7 @@ def parse_request(body, session: VeraSession, limits: Limits = Limits()) -> Requ
         feeds = json_inputs(dict(body["inputs"]), "the request", session.inputs)
         batch = check_feeds(feeds, session.inputs, set(session.contract.task_shapes()), session.contract)
     except FeedError as exc:
-        raise RequestError(400, str(exc)) from None
+        raise RequestError(400, str(exc)) from exc
     per_row = tokens_per_row(feeds, session.inputs)
     if batch * per_row > limits.max_tokens:
         raise RequestError(413, f"the request has {batch} rows of {per_row} tokens, {batch * per_row:,} in all; this"

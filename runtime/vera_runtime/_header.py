@@ -58,7 +58,7 @@ def read_header(path: Path, max_header: int = MAX_HEADER) -> Header:
     try:
         raw = loads_bounded(text, max_depth=3)
     except JsonError as exc:
-        raise ValueError(f"its header {exc}") from None
+        raise ValueError(f"its header {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError("its header is not a JSON object")
     metadata = raw.pop("__metadata__", None) or {}

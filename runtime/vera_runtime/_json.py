@@ -20,10 +20,10 @@ def loads_bounded(text: str | bytes, max_depth: int = MAX_DEPTH):
     """``json.loads`` that raises JsonError (a ValueError) for anything it refuses, RecursionError included."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise JsonError(f"it is nested deeper than {max_depth} levels") from None
+    except RecursionError as exc:
+        raise JsonError(f"it is nested deeper than {max_depth} levels") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise JsonError(f"it is not valid JSON: {exc}") from None
+        raise JsonError(f"it is not valid JSON: {exc}") from exc
     if _deeper_than(value, max_depth):
         raise JsonError(f"it is nested deeper than {max_depth} levels")
     return value

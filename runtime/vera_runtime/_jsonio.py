@@ -18,7 +18,7 @@ def parse_json(text: str | bytes, source: str):
     try:
         return loads_bounded(text)
     except JsonError as exc:
-        raise FeedError(f"{source}: {exc}") from None
+        raise FeedError(f"{source}: {exc}") from exc
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -27,7 +27,7 @@ def read_adapter_config(path: Path) -> dict:
     try:
         config = loads_bounded(path.read_bytes())
     except (OSError, JsonError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): re-save the adapter with PEFT.") from None
+        raise ValueError(f"{path} is not valid JSON ({exc}): re-save the adapter with PEFT.") from exc
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: re-save it.")
     return config
@@ -54,7 +54,7 @@ def _numbers(source: str, name: str, value, info: InputInfo) -> np.ndarray:
         if array.ndim != rank:
             raise ValueError("rows of different lengths: pad them to one length")
     except ValueError as exc:
-        raise FeedError(f"{where}: {exc}.") from None
+        raise FeedError(f"{where}: {exc}.") from exc
     kinds = {type(v) for v in array.flat}
     if info.dtype == np.bool_:
         allowed, wanted = {bool}, "true/false"
@@ -76,8 +76,8 @@ def json_array(source: str, name: str, value, info: InputInfo | None) -> np.ndar
     array = _numbers(source, name, value, info)
     try:
         return array.astype(info.dtype)
-    except OverflowError:
-        raise FeedError(f"{source}: input '{shown(name, 80)}' holds a value outside {info.dtype.name}.") from None
+    except OverflowError as exc:
+        raise FeedError(f"{source}: input '{shown(name, 80)}' holds a value outside {info.dtype.name}.") from exc
 
 
 def json_inputs(data, source: str, inputs: dict[str, InputInfo]) -> dict[str, np.ndarray]:

@@ -96,7 +96,7 @@ def _peft_config(config_path: Path, path: Path) -> dict:
     try:
         return read_adapter_config(config_path)
     except ValueError as exc:
-        raise TaskFileError(str(exc)) from None
+        raise TaskFileError(str(exc)) from exc
 
 
 def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> Task:

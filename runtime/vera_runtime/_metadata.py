@@ -65,7 +65,7 @@ def _json(metadata: Mapping[str, str], key: str, default: str):
     try:
         return loads_bounded(value, max_depth=2)
     except JsonError as exc:
-        raise MetadataError(key, str(exc)) from None
+        raise MetadataError(key, str(exc)) from exc
 
 
 def _checked_name(key: str, name, seen: set[str]) -> str:

@@ -176,7 +176,7 @@ class VeraSession:
     def unload_task(self, name: str) -> None:
         with self._lock:
             if name not in self._tasks:
-                raise KeyError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}.")
+                raise FeedError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}.")
             del self._tasks[name]
             self._forget_rows(name)
             self._hot.pop(name, None)
@@ -347,11 +347,7 @@ class VeraSession:
         """Yield each step's next token for every row (``[batch]`` int64) of left-padded prompts, with one
         ``task`` or ``tasks`` (one per row). Greedy unless ``do_sample`` (temperature, top_k, top_p; a
         ``seed`` makes draws repeatable). eos and pad ids default to the graph's genai_config.json."""
-        if self.cache is None:
-            raise FeedError(
-                f"{self.model_path.name} has no KV cache: generation needs a graph exported with"
-                " `vera-export ADAPTER_DIR --kv-cache --out FILE.onnx`."
-            )
+        self.require_cache()
         _check_choice(task, tasks, None)
         ids, mask = check_prompt(input_ids, attention_mask)
         check_length(ids, max_new_tokens, self.contract.dim_limits.get("total_sequence"))
@@ -365,6 +361,14 @@ class VeraSession:
         session = hot.session if hot else self._session
         step = cache_step(session, self.cache, lambdas, on_device=self.device == "cuda")
         return stream(step, self.cache, ids, mask, max_new_tokens, sampling, tokens)
+
+    def require_cache(self) -> None:
+        """FeedError unless the graph takes a KV cache (``vera-export --kv-cache``): generation needs one."""
+        if self.cache is None:
+            raise FeedError(
+                f"{self.model_path.name} has no KV cache: generation needs a graph exported with"
+                " `vera-export ADAPTER_DIR --kv-cache --out FILE.onnx`."
+            )
 
     def token_ids(self) -> TokenIds:
         """eos and pad ids from the genai_config.json exported beside the graph (none when absent)."""

@@ -289,7 +289,7 @@ def write_onnx_adapter(path: str | os.PathLike, task: Task) -> Path:
         try:
             adapter.export_adapter(str(tmp))
         except RuntimeError as exc:  # ORT's "Failed to write": say which file, as for any other OSError
-            raise OSError(errno.EIO, f"ONNX Runtime could not write the adapter ({exc})", str(path)) from None
+            raise OSError(errno.EIO, f"ONNX Runtime could not write the adapter ({exc})", str(path)) from exc
     return Path(path)
 
 

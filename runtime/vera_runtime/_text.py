@@ -19,12 +19,12 @@ def load_tokenizer(graph: Path):
         )
     try:
         from tokenizers import Tokenizer
-    except ImportError:
-        raise FeedError("text generation needs the tokenizers package: pip install tokenizers") from None
+    except ImportError as exc:
+        raise FeedError("text generation needs the tokenizers package: pip install tokenizers") from exc
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises its own exception type for a bad file
-        raise FeedError(f"{path} is not a tokenizers tokenizer.json: {exc}") from None
+        raise FeedError(f"{path} is not a tokenizers tokenizer.json: {exc}") from exc
 
 
 def encode_left_padded(tokenizer, prompts: list[str], pad: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from ._session import VeraSession
 from ._taskfile import TaskFileError, read_task, task_files_beside
 from ._text import encode_left_padded, load_tokenizer
 
-_EXPECTED = (VeraError, FileNotFoundError, KeyError)
+_EXPECTED = (VeraError, FileNotFoundError)
 
 
 def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
@@ -41,7 +41,7 @@ def read_inputs(path: Path, session: VeraSession) -> dict[str, np.ndarray]:
                 raise FeedError(f"{path} holds one array; the graph needs {session.input_names}: use .npz or JSON.")
             return {session.input_names[0]: np.load(path, allow_pickle=False)}
     except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), truncated or not numpy at all
-        raise FeedError(f"{path} is not a readable numpy file without pickled objects: {exc}") from None
+        raise FeedError(f"{path} is not a readable numpy file without pickled objects: {exc}") from exc
     if path.suffix == ".json":
         return _json_inputs(path, session)
     raise FeedError(f"{path}: inputs must be .npz, .npy or .json.")
@@ -67,6 +67,16 @@ def _session(args) -> VeraSession:
         name, _, path = entry.partition("=")
         session.load_task(name, path)
     return session
+
+
+def _require_loaded(session: VeraSession, names: list[str], graph: str) -> None:
+    """A task the command names must be one of the task files beside the graph or a --load."""
+    for name in names:
+        if name not in session.tasks:
+            raise FeedError(
+                f"no task '{shown(name, 64)}': the tasks beside {graph} are {sorted(session.tasks)}; load another"
+                f" with --load {shown(name, 64)}=PATH (a task file, .onnx_adapter or PEFT adapter_model.safetensors)."
+            )
 
 
 def _summary(array: np.ndarray, width: int = 4) -> str:
@@ -97,6 +107,7 @@ def _cmd_run(args) -> None:
     if args.out:  # before anything runs: an output never replaces an input
         refuse_overwriting([args.out], [args.input, args.graph], FeedError)
     session = _session(args)
+    _require_loaded(session, [args.task] if args.task else [], args.graph)
     results = session.run(read_inputs(Path(args.input), session), task=args.task)
     if args.out:
         buffer = io.BytesIO()
@@ -122,7 +133,9 @@ def _cmd_compare(args) -> None:
 
 def _cmd_generate(args) -> None:
     session = _session(args)
+    session.require_cache()  # before the tokenizer: a graph without a cache is the problem to name
     tasks = args.tasks.split(",") if args.tasks else None
+    _require_loaded(session, [args.task] if args.task else tasks or [], args.graph)
     if tasks is not None and len(tasks) != len(args.prompt):
         raise FeedError(f"--tasks names {len(tasks)} tasks for {len(args.prompt)} prompts: give one per --prompt.")
     tokenizer = load_tokenizer(session.model_path)
@@ -138,8 +151,6 @@ def _cmd_generate(args) -> None:
 
 def _message(exc: Exception) -> str:
     """What failed, in words: ours as they are, OS errors by file, anything else marked unexpected."""
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
     if isinstance(exc, OSError) and exc.filename:
         return f"cannot use {exc.filename}: {exc.strerror or exc}."
     if isinstance(exc, _EXPECTED):
