@@ -45,41 +45,6 @@ def _session(path, threads):
     return ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
 
 
-def _export_plain(model, inputs: list[str], path: Path) -> None:
-    """A graph without VeRA (a base model, or one with ΔW merged into W), exported the same way."""
-    import onnx_ir as ir
-    import torch
-
-    from vera_export import _passes
-    from vera_export._inputs import dynamic_shapes, parse_specs
-    from vera_export._trace import _quiet, flatten_outputs
-
-    specs = parse_specs(inputs)
-    generator = torch.Generator().manual_seed(0)
-    examples = tuple(spec.example(generator) for spec in specs)
-    names = [spec.name for spec in specs]
-
-    class Plain(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, *args):
-            return tuple(flatten_outputs(self.model(**dict(zip(names, args, strict=True)))).values())
-
-    forward_args = ", ".join(names)
-    namespace = {}
-    exec(f"def forward(self, {forward_args}):\n    return Plain.forward(self, {forward_args})\n",  # noqa: S102
-         {"Plain": Plain}, namespace)
-    wrapper = type("PlainExport", (Plain,), {"forward": namespace["forward"]})().eval()
-    with _quiet():  # the same pipeline as vera-export's graphs: no onnxscript rewrites, weights unfolded
-        program = torch.onnx.export(wrapper, examples, input_names=names, dynamic_shapes=dynamic_shapes(specs),
-                                    dynamo=True, verbose=False, optimize=False)
-    _passes.fold_constants(program.model)
-    _passes.strip_trace_metadata(program.model)
-    ir.save(program.model, path)
-
-
 def _random_task_files(session, graph: Path, count: int, seed: int = 0) -> list[Path]:
     from vera_runtime import Task, write_task
 
@@ -102,7 +67,7 @@ def minilm_case(work: Path):
     from peft import PeftModel
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from vera_export import export_peft
+    from vera_export import export_peft, export_plain
     from vera_models import minilm
 
     graph = work / "minilm.onnx"
@@ -112,7 +77,7 @@ def minilm_case(work: Path):
     base = BertForSequenceClassification.from_pretrained(str(minilm.base_path()), num_labels=3,
                                                          attn_implementation="eager").eval()
     inputs = ["input_ids:int64<30522:batch=2,sequence=8", "attention_mask:int64<2:batch=2,sequence=8"]
-    _export_plain(base, inputs, work / "minilm.base.onnx")
+    export_plain(base, work / "minilm.base.onnx", inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft = PeftModel.from_pretrained(base, minilm.HERE / "sentiment", adapter_name="sentiment").eval()
@@ -120,7 +85,7 @@ def minilm_case(work: Path):
             BertForSequenceClassification.from_pretrained(str(minilm.base_path()), num_labels=3,
                                                           attn_implementation="eager"),
             minilm.HERE / "sentiment").merge_and_unload().eval()
-    _export_plain(merged, inputs, work / "minilm.merged.onnx")
+    export_plain(merged, work / "minilm.merged.onnx", inputs)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm.base_path()))
 
     def feeds(batch):
@@ -142,7 +107,7 @@ def decoder_case(work: Path):
     import torch
 
     import vera_models
-    from vera_export import export
+    from vera_export import export, export_plain
 
     model = vera_models.make_task(vera_models.build("tiny-decoder"), 1)
     graph = work / "decoder.onnx"
@@ -151,7 +116,7 @@ def decoder_case(work: Path):
     export_seconds = time.perf_counter() - start
     base = vera_models.build_base("tiny-decoder")
     inputs = model.vera_input_specs()
-    _export_plain(base, inputs, work / "decoder.base.onnx")
+    export_plain(base, work / "decoder.base.onnx", inputs)
     merged = vera_models.build_base("tiny-decoder")
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -160,7 +125,7 @@ def decoder_case(work: Path):
                 vera_b = module.projection.vera_B[: module.out_features, :]
                 delta = (module.vera_lambda_b[:, None] * vera_b) @ (module.vera_lambda_d[:, None] * vera_a)
                 merged.get_submodule(name).weight.add_(delta)
-    _export_plain(merged, inputs, work / "decoder.merged.onnx")
+    export_plain(merged, work / "decoder.merged.onnx", inputs)
 
     def feeds(batch):
         return {"input_ids": np.random.default_rng(0).integers(0, 8192, (batch, SEQ))}

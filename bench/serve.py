@@ -97,28 +97,11 @@ def _load(clients: int, names: list[str], path_of) -> dict:
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000}
 
 
-def _direct(graph: str, loads: dict[str, str]):
-    """The model deployment answering HTTP itself, without vera-serve's ingress in front."""
-    from ray import serve
-    from starlette.responses import Response
-
-    from vera_runtime._serve_app import VeraModel
-
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-    class Direct(VeraModel.func_or_class):
-        async def __call__(self, http):
-            path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"
-            status, payload, headers = await self.handle(http.method, path, await http.body())
-            return Response(payload, status_code=status, headers=headers, media_type="application/json")
-
-    return Direct.bind(graph, loads, False, 16, 5.0)
-
-
 def main() -> None:
     import ray
     from ray import serve
 
-    from vera_runtime._serve_app import application
+    from vera_runtime.serve import application
 
     graph, names = _graph()
     tasks = {n: str(WORK / f"minilm.{n}.task.safetensors") for n in names}
@@ -133,9 +116,8 @@ def main() -> None:
     }
     for variant, apps in variants.items():
         for app, (loads, max_batch) in apps.items():
-            bound = _direct(str(graph), loads) if max_batch is None else application(str(graph), loads, False,
-                                                                                       max_batch=max_batch)
-            serve.run(bound, name=f"app-{app}", route_prefix=f"/{app}")
+            options = {"ingress": False} if max_batch is None else {"max_batch": max_batch}
+            serve.run(application(str(graph), loads, False, **options), name=f"app-{app}", route_prefix=f"/{app}")
         path_of = (lambda task: "/all/v1/run") if "all" in apps else (lambda task: f"/{task}/v1/run")
         for clients in CLIENTS:
             results[(variant, clients)] = _load(clients, names, path_of)

@@ -118,8 +118,7 @@ def latency(case: dict, threads: int, repeats: int) -> dict[int, dict[str, Timin
 def node(case: dict, threads: int, repeats: int) -> dict | None:
     """Node (onnxruntime-node) on the web graph, right after Python ORT on the same graph."""
     web = case["graphs"]["web"]
-    from vera_runtime._taskfile import task_files_beside
-
+    from vera_runtime.layout import task_files_beside
     feeds = {batch: {k: {"dtype": str(v.dtype), "dims": list(v.shape), "data": v.ravel().tolist()}
                      for k, v in case["latency_feeds"](batch).items()} for batch in (1, 8)}
     config = web.with_suffix(".bench.json")

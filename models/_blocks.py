@@ -88,7 +88,18 @@ class TransformerConfig:
 
 
 class Transformer(nn.Module):
-    """Token and position embeddings, pre-norm blocks, a final norm: the trunk of both models."""
+    """Token and position embeddings, pre-norm blocks, a final norm: the trunk of both models.
+
+    Subclasses are vera-export architectures (registered under the entry-point group
+    ``vera_export.architectures``): ``architecture`` names them in checkpoints, ``config_class`` rebuilds
+    their config, and ``pickle_classes`` lists what a ``torch.save(model)`` of one refers to."""
+
+    architecture: str
+    config_class: type[TransformerConfig] = TransformerConfig
+
+    @classmethod
+    def pickle_classes(cls) -> tuple[type, ...]:
+        return cls, cls.config_class, Attention, FeedForward, Block
 
     def __init__(self, config: TransformerConfig, causal: bool) -> None:
         super().__init__()

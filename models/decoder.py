@@ -17,6 +17,7 @@ class DecoderConfig(TransformerConfig):
 
 class TinyDecoderLM(Transformer):
     architecture = "tiny-decoder"
+    config_class = DecoderConfig
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config, causal=True)

@@ -17,6 +17,7 @@ class EncoderConfig(TransformerConfig):
 
 class TinyEncoderClassifier(Transformer):
     architecture = "tiny-encoder"
+    config_class = EncoderConfig
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config, causal=False)

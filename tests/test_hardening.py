@@ -60,9 +60,39 @@ def sets(tmp_path_factory):
     return old, new, new_model
 
 
+# The CLI in a child that stops at a point of the export (after verifying, or after the first rename of the
+# publish), says so on stderr and sleeps, to be killed there: the fault injection lives here, not in the product.
+_KILLABLE = """
+import sys, time
+point, _, seconds = sys.argv[1].partition(":")
+def pause():
+    print(f"vera-export paused at {point}", file=sys.stderr, flush=True)
+    time.sleep(float(seconds or 60))
+if point == "verify":
+    import vera_export._export as export
+    verify = export.verify_export
+    def verify_then_pause(*args, **kwargs):
+        result = verify(*args, **kwargs)
+        pause()
+        return result
+    export.verify_export = verify_then_pause
+else:
+    import vera_runtime._publish as publish
+    rename, renamed = publish._rename, []
+    def rename_then_pause(*args):
+        rename(*args)
+        if not renamed:
+            renamed.append(args)
+            pause()
+    publish._rename = rename_then_pause
+from vera_export.cli import main
+main(sys.argv[2:])
+"""
+
+
 def _start(model: Path, out: Path, pause: str) -> subprocess.Popen:
-    env = {**os.environ, "VERA_EXPORT_TEST_PAUSE": pause}
-    process = subprocess.Popen([*_CLI, str(model), "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", _KILLABLE, pause, str(model), "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:  # wait until it stands where it will be killed
         if line.startswith("vera-export paused at"):
             return process

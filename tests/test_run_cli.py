@@ -64,7 +64,8 @@ def test_tasks_lists_files_and_errors_are_one_line(deployed, capsys):
     assert "other" in capsys.readouterr().out
     assert main(["run", str(graph), "--input", str(inputs), "--task", "missing"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["Error: task 'missing' is not loaded; loaded tasks: ['default', 'other']. Use load_task()."]
+    assert len(err) == 1 and err[0].startswith("Error: no task 'missing': the tasks beside") and "['default', 'other']"\
+        in err[0] and "--load missing=PATH" in err[0], err
     assert main(["run", str(graph), "--input", str(graph.parent / "absent.npz")]) == 1
     assert "absent.npz does not exist" in capsys.readouterr().err
 

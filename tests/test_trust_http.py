@@ -299,3 +299,21 @@ def test_a_replica_killed_under_load_gives_503s_and_no_gap(two_task_encoder, tmp
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
     assert all(retry == "1" for _, status, retry in answers if status == 503)
     assert max(gaps) < 2.0
+
+
+def test_direct_replicas_serve_without_the_ingress(two_task_encoder, tmp_path):
+    """--direct: the model replicas take HTTP themselves (what bench/serve.py compares the ingress with)."""
+    process, port = _serve(tmp_path / "serve.log", two_task_encoder, "--tasks-beside", "--direct")
+    try:
+        assert _call(port, "GET", "/v1/tasks")[1] == {"tasks": ["first", "second"], "default": "first"}
+        good = json.dumps({"task": "second", "inputs": _GOOD}).encode()
+        status, answer, headers = _call(port, "POST", "/v1/run", good)
+        assert status == 200 and headers["x-vera-batch"] == "1" and len(answer["outputs"]["logits"]) == 1
+        status, answer, _ = _call(port, "POST", "/v1/run", _body(ROWS, 8))
+        assert status == 413 and "this server takes up to 256" in answer["error"], answer
+        titles = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _descendants(process.pid)
+                  if Path(f"/proc/{pid}").exists()]
+        assert any(b"VeraDirect" in t for t in titles) and not any(b"VeraIngress" in t for t in titles)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)

@@ -27,6 +27,7 @@ _WHERE = {
     "apply_vera": "_layer",
     "export": "_export",
     "export_peft": "_peft",
+    "export_plain": "_plain",
     "load_model": "_checkpoint",
     "read_contract": "_graphfile",
     "save_checkpoint": "_checkpoint",
@@ -35,7 +36,7 @@ _WHERE = {
 __all__ = [
     "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError",
     "Verification", "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera",
-    "convert", "export", "export_peft", "load_model", "read_contract", "save_checkpoint",
+    "convert", "export", "export_peft", "export_plain", "load_model", "read_contract", "save_checkpoint",
 ]
 
 
@@ -60,4 +61,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._inputs import Dim, InputSpec
     from ._layer import VeraConfig, VeraLinear, apply_vera
     from ._peft import PeftExportResult, add_peft_task, export_peft
+    from ._plain import export_plain
     from ._verify import Verification

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vera_runtime import Contract, VeraSession
-from vera_runtime._feeds import InputInfo
+from vera_runtime import Contract, InputInfo, VeraSession
 
 MIXED_ROWS = "a task per row"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
 import pickle
 import re
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vera_runtime._io import atomic_path, file_problem
+from vera_runtime.files import atomic_path, file_problem
 
 from ._errors import UntrustedFileError, VeraExportError
 from ._graphfile import refuse_graph_as_model
@@ -30,17 +31,24 @@ FORMAT = "vera-export-checkpoint"
 VERSION = 1
 
 
-def _trusted_classes() -> list:
-    import vera_models
-    from vera_models import _blocks
+ARCHITECTURES_GROUP = "vera_export.architectures"
 
+
+def architectures() -> dict[str, type]:
+    """Model classes registered under the entry-point group ``vera_export.architectures`` (vera_models
+    registers its reference models; a package of yours may register its own), by architecture name.
+    Each has ``architecture``, ``config_class`` (a dataclass) and ``pickle_classes()``."""
+    return {entry.name: entry.load() for entry in importlib.metadata.entry_points(group=ARCHITECTURES_GROUP)}
+
+
+def _trusted_classes() -> list:
     torch_classes = [
         nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, nn.ModuleDict, nn.Sequential,
         nn.Dropout, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity,
     ]
-    ours = [VeraConfig, VeraLinear, VeraProjection, _blocks.Attention, _blocks.FeedForward, _blocks.Block]
-    models = [cls for entry in vera_models.ARCHITECTURES.values() for cls in entry[:2]]
-    return torch_classes + ours + models
+    ours = [VeraConfig, VeraLinear, VeraProjection]
+    registered = [cls for model in architectures().values() for cls in model.pickle_classes()]
+    return torch_classes + ours + registered
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, task_name: str = "default") -> Path:
@@ -186,9 +194,12 @@ def _from_checkpoint(checkpoint: dict, path: Path) -> LoadedModel:
 
 
 def _build(checkpoint: dict) -> nn.Module:
-    import vera_models
-
-    model = vera_models.build_base(checkpoint["architecture"], checkpoint["config"])
+    known = architectures()
+    if checkpoint["architecture"] not in known:
+        raise ValueError(f"architecture {checkpoint['architecture']!r} is not registered here (known: {sorted(known)})")
+    model_class = known[checkpoint["architecture"]]
+    with torch.random.fork_rng(devices=[]):  # initial values are overwritten: leave the caller's RNG as it was
+        model = model_class(model_class.config_class(**checkpoint["config"])).eval()
     apply_vera(model, VeraConfig(**checkpoint["vera"]))
     return model
 

@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
-from vera_runtime._taskfile import task_files_beside
+from vera_runtime.layout import task_files_beside
 
 from . import _options
 from ._agreement import Agreement, compare_forms
 from ._errors import VeraExportError
 from ._graphfile import load_graph
-from ._staging import check_writable, pause_for_tests, writing
+from ._staging import check_writable, writing
 
 TARGETS = ("int8", "fp16", "web", "ort")
 # Largest |converted - float32| accepted, relative to the outputs' scale: web and ort run the same
@@ -170,7 +170,6 @@ def convert(
         progress("Comparing every task with the float32 graph ...")
         agreements = compare_forms(graph, scratch / out.name)
         _require_agreement(agreements, tolerance, targets)
-        pause_for_tests("verify")
         for written in sorted(scratch.iterdir()):
             os.replace(written, stage.path(out.parent / written.name))
     return ConvertResult(out, targets, contract, tuple(finals), agreements, tolerance)

@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from vera_runtime._contract import LAMBDA_B, LAMBDA_D
+from vera_runtime.layout import LAMBDA_B, LAMBDA_D
 
 from ._errors import VeraExportError
 from ._layer import VeraLinear

@@ -23,9 +23,8 @@ from vera_runtime import (
     write_onnx_adapter,
     write_task,
 )
-from vera_runtime._contract import KEY_HOT_TEMPLATE
-from vera_runtime._hot import hot_template_path, template_digest
-from vera_runtime._taskfile import check_task_name
+from vera_runtime.files import template_digest
+from vera_runtime.layout import KEY_HOT_TEMPLATE, check_task_name, hot_template_path, task_file_paths
 
 from . import _options, _passes
 from ._digest import base_digest
@@ -37,7 +36,7 @@ from ._kv_cache import CachedCausalLM, name_cache_dims
 from ._limits import dim_limits, input_highs
 from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
-from ._staging import Staging, check_writable, pause_for_tests, task_file_paths, writing
+from ._staging import Staging, check_writable, writing
 from ._trace import flatten_outputs, trace_to_onnx
 from ._verify import Verification, verify_export
 
@@ -211,7 +210,6 @@ def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) 
         del graph
     gc.collect()  # an IR graph is a web of cycles (nodes <-> values): only the collector frees it
     verification = check(scratch / main.name) if check else None
-    pause_for_tests("verify")
     for written in sorted(scratch.iterdir()):
         os.replace(written, stage.path(main.parent / written.name))
     _stage_task(task, main, stage)

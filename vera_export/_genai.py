@@ -8,9 +8,8 @@ import shutil
 from pathlib import Path
 
 from vera_runtime import Contract
-from vera_runtime._generate import GENAI_CONFIG, PAST, PRESENT
-from vera_runtime._io import same_file
-from vera_runtime._publish import COMPANION_FILES
+from vera_runtime.files import same_file
+from vera_runtime.layout import COMPANION_FILES, GENAI_CONFIG, PAST, PRESENT
 
 from ._kv_cache import TOTAL, CachedCausalLM
 from ._limits import declared_positions

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from vera_runtime import Contract
-from vera_runtime._io import file_problem
+from vera_runtime.files import file_problem
 
 from ._errors import VeraExportError
 

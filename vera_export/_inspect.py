@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, Contract, TaskFileError, read_onnx_adapter
-from vera_runtime._errors import shown
-from vera_runtime._publish import pending_journal
-from vera_runtime._taskfile import adapter_model_version, adapter_size_limit, read_task_fingerprint, task_files_beside
+from vera_runtime.files import adapter_size_limit, pending_journal, printable, read_task_fingerprint
+from vera_runtime.layout import adapter_model_version, task_files_beside
 
 from ._graphfile import load_graph
 
@@ -70,7 +69,7 @@ class GraphReport:
         if self.journal:
             lines.append(f"  note: {self.journal.name} records an export interrupted while it put its files in place;"
                          " the next export into this folder, or a VeraSession on this graph, finishes it.")
-        return "\n".join(shown(line, 1 << 16) for line in lines)  # names from the file never drive the terminal
+        return "\n".join(printable(line, 1 << 16) for line in lines)  # names from the file never drive the terminal
 
 
 def _shape(value_info) -> list:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from vera_runtime._generate import CacheLayout
+from vera_runtime.layout import CacheLayout
 
 from ._errors import VeraExportError
 from ._inputs import Dim, InputSpec

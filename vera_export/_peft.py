@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vera_runtime._taskfile import check_task_name
+from vera_runtime.layout import check_task_name
 
 from ._errors import VeraExportError
 from ._export import ExportResult, add_task, export, read_contract, stage_task

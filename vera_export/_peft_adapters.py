@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vera_runtime._jsonio import read_adapter_config
+from vera_runtime.files import read_adapter_config
 
 from ._errors import VeraExportError
 

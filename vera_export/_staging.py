@@ -13,33 +13,20 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
-from vera_runtime._io import STAGING_SUFFIX, refuse_overwriting, remove_stale_staging, signals_deferred, staging_path
-from vera_runtime._publish import finish_publish, publish
-from vera_runtime._taskfile import task_files_beside
+from vera_runtime.files import finish_publish, publish, refuse_overwriting, remove_stale_staging, signals_deferred
+from vera_runtime.layout import STAGING_SUFFIX, staging_path, task_files_beside
 
 from ._errors import VeraExportError
-
-PAUSE_VARIABLE = "VERA_EXPORT_TEST_PAUSE"  # tests: "verify[:SECONDS]" or "publish[:SECONDS]" waits there
 
 
 class Interrupted(VeraExportError):
     """SIGTERM arrived during an export: everything staged was removed."""
-
-
-def pause_for_tests(point: str) -> None:
-    """Fault injection for the kill tests: announce the point on stderr and wait to be killed."""
-    where, _, seconds = os.environ.get(PAUSE_VARIABLE, "").partition(":")
-    if where == point:
-        print(f"vera-export paused at {point}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds or 60))
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -111,8 +98,7 @@ class Staging:
         remove = [p for p in old_set(self.graph) if p not in self._staged] if self.replaces_set else []
         refuse_overwriting([*self._staged, *remove], self.inputs, VeraExportError)
         with signals_deferred():  # a SIGTERM now waits for the set, then ends the process as usual
-            publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove,
-                    pause=lambda: pause_for_tests("publish"))
+            publish(self.graph, {staged: final for final, staged in self._staged.items()}, remove)
             self._staged.clear()
             self._restore_sigterm()
 
@@ -122,12 +108,6 @@ def unstaged(path: str | os.PathLike) -> str:
     name = Path(path).name
     match = re.match(rf"^\.(?P<name>.+)\.\d+\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$", name)
     return match["name"] if match else name
-
-
-def task_file_paths(graph: Path, task: str) -> tuple[Path, Path]:
-    """Where a graph's task files live: beside it, named ``<stem>.<task>.task.safetensors`` etc."""
-    stem = graph.with_suffix("").name
-    return graph.with_name(f"{stem}.{task}{TASK_SUFFIX}"), graph.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}")
 
 
 _WRITTEN_BY_EXPORTS = (".onnx", ".onnx.data", ".ort", ".onnx_adapter", TASK_SUFFIX, "genai_config.json")

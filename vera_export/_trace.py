@@ -183,7 +183,8 @@ def trace_to_onnx(
     shapes = dynamic_shapes(specs) + [{0: tasks} if tasks else {}] * len(lambdas)
     tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
     tracer.merged = merged
-    with _patched(_patches(tracer, adapted)), _quiet(), _as_export_error("torch.export could not trace the model"):
+    failure = "torch.export could not trace the model"
+    with _patched(_patches(tracer, adapted)), quiet_export(), _as_export_error(failure):
         program = torch.onnx.export(
             tracer.eval(),
             tuple(examples + lambdas),
@@ -218,7 +219,7 @@ def root_cause(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_export() -> Iterator[None]:
     """torch.export and onnxscript log and warn freely; the CLI shows its own progress instead."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
     levels = [logger.level for logger in loggers]

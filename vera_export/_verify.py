@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vera_runtime._contract import LAMBDA_D
+from vera_runtime.layout import LAMBDA_D
 
 from ._agreement import Check, compare_outputs
 from ._discover import AdaptedModel

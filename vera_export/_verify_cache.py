@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vera_runtime._generate import positions
+from vera_runtime.layout import positions
 
 from ._agreement import Check, compare_outputs
 from ._kv_cache import CachedCausalLM

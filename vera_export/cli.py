@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from vera_runtime._errors import VeraError, shown
+from vera_runtime import VeraError
+from vera_runtime.files import printable
 
 from ._errors import VeraExportError
 from ._graphfile import refuse_graph_as_model
@@ -48,7 +49,7 @@ def _errors_as_messages(command):
         except Exception as exc:
             if verbose:
                 raise
-            raise click.ClickException(shown(_message(exc), 4000)) from None
+            raise click.ClickException(printable(_message(exc), 4000)) from None
 
     return click.option("--verbose", is_flag=True, help="Show tracebacks and library warnings.")(wrapper)
 
@@ -166,7 +167,7 @@ def _as_float32(model, model_path: str) -> None:
 
 def _is_adapter_folder(model_path: str) -> bool:
     """A folder is a PEFT adapter, a file a model; anything else (missing, a loop, a FIFO) is neither."""
-    from vera_runtime._io import file_problem
+    from vera_runtime.files import file_problem
 
     problem = file_problem(model_path)
     if problem and not Path(model_path).is_dir():

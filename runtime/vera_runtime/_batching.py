@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._errors import FeedError, shown
+from ._errors import FeedError, printable
 from ._feeds import InputInfo, check_feeds
 from ._jsonio import json_inputs
 from ._session import VeraSession
@@ -68,7 +68,7 @@ def parse_request(body, session: VeraSession, limits: Limits = Limits()) -> Requ
         raise RequestError(400, 'the body must be a JSON object {"task": NAME, "inputs": {input name: nested list}}.')
     unknown = sorted(set(body) - {"task", "tasks", "inputs"})
     if unknown:
-        raise RequestError(400, f"unknown field(s) {[shown(n, 40) for n in unknown[:5]]}: a request has 'inputs'"
+        raise RequestError(400, f"unknown field(s) {[printable(n, 40) for n in unknown[:5]]}: a request has 'inputs'"
                                 " and 'task' or 'tasks'.")
     _check_size(body["inputs"], session.inputs, limits)
     try:
@@ -112,9 +112,10 @@ def _rows(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, 
         raise RequestError(400, f"'tasks' must be a list of {batch} task names, one per row of the inputs.")
     for name in rows:
         if name is not None and not isinstance(name, str):
-            raise RequestError(400, f"task names are strings; got {shown(name, 60)}.")
+            raise RequestError(400, f"task names are strings; got {printable(name, 60)}.")
         if name is not None and name not in session.tasks:
-            raise RequestError(404, f"task '{shown(name, 64)}' is not loaded; loaded tasks: {sorted(session.tasks)}.")
+            raise RequestError(404, f"task '{printable(name, 64)}' is not loaded; loaded tasks:"
+                                    f" {sorted(session.tasks)}.")
     if None in rows and any(rows):
         raise RequestError(400, "name every row's task in 'tasks', or none (the graph's default task).")
     return rows

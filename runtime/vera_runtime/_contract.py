@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _metadata as checked
-from ._errors import VeraError, shown
+from ._errors import VeraError, printable
 
 CONTRACT_VERSION = "1"
 
@@ -138,7 +138,7 @@ class Contract:
         version = metadata[KEY_VERSION]
         if version != CONTRACT_VERSION:
             raise ContractError(
-                f"{source} follows graph contract version {shown(version, 20)}; this vera-runtime reads"
+                f"{source} follows graph contract version {printable(version, 20)}; this vera-runtime reads"
                 f" version {CONTRACT_VERSION}. Upgrade vera-runtime or re-export the model."
             )
         try:
@@ -150,7 +150,7 @@ class Contract:
     def _checked(cls, metadata: Mapping[str, str]) -> Contract:
         default_task = checked.text(metadata, KEY_DEFAULT_TASK, limit=64)
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", default_task):
-            raise checked.MetadataError(KEY_DEFAULT_TASK, f"is {shown(default_task, 70)!r}, not a task name")
+            raise checked.MetadataError(KEY_DEFAULT_TASK, f"is {printable(default_task, 70)!r}, not a task name")
         return cls(
             r=checked.integer(metadata, KEY_R, 1, checked.MAX_RANK),
             seed=checked.integer(metadata, KEY_SEED, -(2**63), 2**64 - 1, required=False),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ._errors import DeviceError, GraphError, shown
+from ._errors import DeviceError, GraphError, printable
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -45,7 +45,7 @@ def _load(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.I
         return ort.InferenceSession(path, options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf/NoSuchFile types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphError(f"ONNX Runtime cannot load {path}: {shown(first, 400)}. Export the graph again, or"
+        raise GraphError(f"ONNX Runtime cannot load {path}: {printable(first, 400)}. Export the graph again, or"
                          " copy its whole folder (the graph with its .data file).") from exc
 
 

@@ -17,7 +17,7 @@ class GraphError(VeraError, ValueError):
     """ONNX Runtime cannot load a graph file (damaged, or its external data is refused)."""
 
 
-def shown(text: object, limit: int = 200) -> str:
+def printable(text: object, limit: int = 200) -> str:
     """A string from a file or a request as a message or a terminal may show it: control characters
     and lone surrogates escaped (``\\x1b``, not ESC), at most ``limit`` characters."""
     text = str(text)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._contract import Contract
-from ._errors import FeedError, shown
+from ._errors import FeedError, printable
 
 MASKS = ("attention_mask", "decoder_attention_mask")  # 0 (padding) or 1 (token), as transformers means them
 _ORT_TYPES = {
@@ -44,9 +44,10 @@ def check_feeds(
         raise FeedError(f"feeds is a {type(feeds).__name__}: pass a dict of input name -> numpy array.")
     for name in feeds:
         if name in task_inputs:
-            raise FeedError(f"'{shown(name)}' is a task input: choose the task with run(..., task=NAME), not a feed.")
+            raise FeedError(f"'{printable(name)}' is a task input: choose the task with run(..., task=NAME),"
+                            " not a feed.")
         if name not in inputs:
-            raise FeedError(f"the graph has no input '{shown(name, 80)}'; its inputs are {sorted(inputs)}.")
+            raise FeedError(f"the graph has no input '{printable(name, 80)}'; its inputs are {sorted(inputs)}.")
     missing = [f"'{n}' ({info.describe()})" for n, info in inputs.items() if n not in feeds]
     if missing:
         raise FeedError(f"missing input {', '.join(missing)}.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import FeedError, shown
+from ._errors import FeedError, printable
 from ._feeds import InputInfo
 from ._json import JsonError, loads_bounded
 
@@ -45,7 +45,7 @@ def _rank(value) -> int:
 
 def _numbers(source: str, name: str, value, info: InputInfo) -> np.ndarray:
     """``value`` as an object array of the input's rank, holding only numbers JSON may give for it."""
-    where = f"{source}: input '{shown(name, 80)}'"
+    where = f"{source}: input '{printable(name, 80)}'"
     try:
         rank = _rank(value)
         if rank != len(info.shape):
@@ -72,12 +72,12 @@ def _numbers(source: str, name: str, value, info: InputInfo) -> np.ndarray:
 def json_array(source: str, name: str, value, info: InputInfo | None) -> np.ndarray:
     """A nested list as the array input ``name`` needs (``info``), or FeedError saying what is wrong."""
     if info is None:
-        raise FeedError(f"{source}: the graph has no input '{shown(name, 80)}'.")
+        raise FeedError(f"{source}: the graph has no input '{printable(name, 80)}'.")
     array = _numbers(source, name, value, info)
     try:
         return array.astype(info.dtype)
     except OverflowError as exc:
-        raise FeedError(f"{source}: input '{shown(name, 80)}' holds a value outside {info.dtype.name}.") from exc
+        raise FeedError(f"{source}: input '{printable(name, 80)}' holds a value outside {info.dtype.name}.") from exc
 
 
 def json_inputs(data, source: str, inputs: dict[str, InputInfo]) -> dict[str, np.ndarray]:
@@ -86,5 +86,6 @@ def json_inputs(data, source: str, inputs: dict[str, InputInfo]) -> dict[str, np
         raise FeedError(f"{source} holds a JSON {type(data).__name__}: give an object {{input name: nested list}}.")
     unknown = [name for name in data if name not in inputs]
     if unknown:
-        raise FeedError(f"{source}: the graph has no input '{shown(unknown[0], 80)}'; its inputs are {sorted(inputs)}.")
+        raise FeedError(f"{source}: the graph has no input '{printable(unknown[0], 80)}'; its inputs are"
+                        f" {sorted(inputs)}.")
     return {name: json_array(source, name, value, inputs[name]) for name, value in data.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ._errors import shown
+from ._errors import printable
 from ._json import JsonError, loads_bounded
 
 MAX_VALUE_CHARS = 4 << 20  # a layer table of ~40,000 layers; 41 MB once took `vera-run tasks` to 849 MB
@@ -44,7 +44,7 @@ def integer(metadata: Mapping[str, str], key: str, low: int, high: int, required
     if not value and not required:
         return None
     if not value or not re.fullmatch(r"-?[0-9]+", value) or not low <= int(value) <= high:
-        raise MetadataError(key, f"is {shown(value, 30)!r}, not an integer in [{low}, {high}]")
+        raise MetadataError(key, f"is {printable(value, 30)!r}, not an integer in [{low}, {high}]")
     return int(value)
 
 
@@ -54,7 +54,7 @@ def digest(metadata: Mapping[str, str], key: str, required: bool = True) -> str 
     if value is None or (not value and not required):
         return None
     if not _HEX64.fullmatch(value):
-        raise MetadataError(key, f"is {shown(value, 30)!r}, not a SHA-256 in lowercase hex (64 characters)")
+        raise MetadataError(key, f"is {printable(value, 30)!r}, not a SHA-256 in lowercase hex (64 characters)")
     return value
 
 
@@ -70,9 +70,9 @@ def _json(metadata: Mapping[str, str], key: str, default: str):
 
 def _checked_name(key: str, name, seen: set[str]) -> str:
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isprintable():
-        raise MetadataError(key, f"has a name {shown(name, 40)!r} that is not 1-{MAX_NAME} printable characters")
+        raise MetadataError(key, f"has a name {printable(name, 40)!r} that is not 1-{MAX_NAME} printable characters")
     if name in seen:
-        raise MetadataError(key, f"names {shown(name, 80)!r} twice")
+        raise MetadataError(key, f"names {printable(name, 80)!r} twice")
     seen.add(name)
     return name
 
@@ -87,16 +87,15 @@ def entries(metadata: Mapping[str, str], key: str, fields: Mapping[str, type], r
     seen: set[str] = set()
     for entry in value:
         if not isinstance(entry, dict) or set(entry) != set(fields):
-            raise MetadataError(key, f"has an entry {shown(entry, 80)} without exactly the keys {sorted(fields)}")
+            raise MetadataError(key, f"has an entry {printable(entry, 80)} without exactly the keys {sorted(fields)}")
         _checked_name(key, entry["name"], seen)
         for field, kind in fields.items():
             number = entry[field]
+            where = f"'{field}' = {printable(number, 20)} for {printable(entry['name'], 80)}"
             if kind is bool and not isinstance(number, bool):
-                raise MetadataError(key, f"has '{field}' = {shown(number, 20)} for {shown(entry['name'], 80)}, not"
-                                         " true or false")
+                raise MetadataError(key, f"has {where}, not true or false")
             if kind is int and (type(number) is not int or not 0 < number <= MAX_FEATURES):
-                raise MetadataError(key, f"has '{field}' = {shown(number, 20)} for {shown(entry['name'], 80)}, not an"
-                                         f" integer in [1, {MAX_FEATURES:,}]")
+                raise MetadataError(key, f"has {where}, not an integer in [1, {MAX_FEATURES:,}]")
     return value
 
 
@@ -117,8 +116,8 @@ def int_map(metadata: Mapping[str, str], key: str, high: int) -> dict[str, int]:
     for name, number in value.items():
         _checked_name(key, name, seen)
         if type(number) is not int or not 0 < number <= high:
-            raise MetadataError(key, f"gives {shown(name, 80)!r} the value {shown(number, 20)}, not an integer in"
-                                     f" [1, {high:,}]")
+            raise MetadataError(key, f"gives {printable(name, 80)!r} the value {printable(number, 20)}, not an"
+                                     f" integer in [1, {high:,}]")
     return value
 
 
@@ -126,5 +125,5 @@ def choice(metadata: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> s
     """``metadata[key]``, one of ``allowed``; absent means the first."""
     value = metadata.get(key) or allowed[0]
     if value not in allowed:
-        raise MetadataError(key, f"is {shown(value, 40)!r}, not one of {allowed}")
+        raise MetadataError(key, f"is {printable(value, 40)!r}, not one of {allowed}")
     return value

@@ -56,11 +56,11 @@ def is_staged_form(staged: str, final: str) -> bool:
     return re.fullmatch(pattern, staged) is not None
 
 
-def publish(graph: str | os.PathLike, renames: dict[Path, Path], remove: list[Path], pause=None) -> None:
+def publish(graph: str | os.PathLike, renames: dict[Path, Path], remove: list[Path]) -> None:
     """Rename every staged file (``{staged: final}``) into place and remove ``remove``, as one set.
 
     Every path is in ``graph``'s folder and names one of its own files (ValueError otherwise: a bug,
-    caught before anything moves). ``pause`` (tests only) is called after the first rename."""
+    caught before anything moves)."""
     graph = Path(graph)
     plan = {"version": JOURNAL_VERSION, "renames": [[Path(t).name, Path(f).name] for t, f in renames.items()],
             "remove": [Path(p).name for p in remove]}
@@ -77,12 +77,7 @@ def publish(graph: str | os.PathLike, renames: dict[Path, Path], remove: list[Pa
             handle.flush()
             os.fsync(handle.fileno())
     with signals_deferred():
-        first, *rest = plan["renames"] or [None]
-        if first:
-            _rename(graph.parent, *first)
-            if pause:
-                pause()
-        _carry_out(graph.parent, rest, plan["remove"])
+        _carry_out(graph.parent, plan["renames"], plan["remove"])
         journal.unlink()
 
 

@@ -57,20 +57,18 @@ def _error(status: int, message: str) -> Reply:
     return _reply(status, {"error": message})
 
 
-# Serve admits 5 requests per replica by default: a batch could never grow past that, and the router backs
-# off (hundreds of ms) when replicas are full. Batches need the queue: admit many, run them 16 at a time.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-class VeraModel:
+class ModelReplica:
     """One replica: a VeraSession with its tasks, and a batch queue shared by all requests."""
 
     def __init__(self, graph: str, loads: dict[str, str], tasks_beside: bool, max_batch: int, batch_wait_ms: float,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.session = VeraSession(graph, device="cpu", session_options=_options())
         if tasks_beside:
             self.session.load_tasks_beside()
         for name, path in loads.items():
             self.session.load_task(name, path)
         self.limits = limits or Limits()
+        self.max_body = max_body
         self.batches: collections.Counter[int] = collections.Counter()
         self.node = ray.get_runtime_context().get_node_id()
         self._run.set_max_batch_size(max_batch)
@@ -113,8 +111,19 @@ class VeraModel:
         return [(outputs, len(requests)) for outputs in run_batch(requests, self.session, self.limits.run_tokens)]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-class VeraIngress:
+class DirectReplica(ModelReplica):
+    """A model replica that takes HTTP itself: no hop, but a request whose replica dies gets Ray's 500."""
+
+    async def __call__(self, http: HttpRequest) -> Response:
+        path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"
+        try:
+            body = await _body(http, self.max_body)
+        except RequestError as exc:
+            return _response(_error(exc.status, str(exc)))
+        return _response(await self.handle(http.method, path, body))
+
+
+class Ingress:
     """HTTP in front of the model replicas: bounds the body, and turns a replica's death into a 503."""
 
     def __init__(self, model, max_body: int = DEFAULT_MAX_BODY) -> None:
@@ -124,7 +133,7 @@ class VeraIngress:
     async def __call__(self, http: HttpRequest) -> Response:
         path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"  # under an app's route prefix
         try:
-            body = await self._body(http)
+            body = await _body(http, self.max_body)
         except RequestError as exc:
             return _response(_error(exc.status, str(exc)))
         try:
@@ -133,17 +142,18 @@ class VeraIngress:
             status, payload, _ = _error(503, "the replica running this request stopped; send it again.")
             return _response((status, payload, {"Retry-After": str(RETRY_AFTER_S)}))
 
-    async def _body(self, http: HttpRequest) -> bytes:
-        declared = http.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise RequestError(413, f"the body is {int(declared):,} bytes; this server takes up to {self.max_body:,}.")
-        chunks, size = [], 0
-        async for chunk in http.stream():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > self.max_body:
-                raise RequestError(413, f"the body is over {self.max_body:,} bytes; this server takes up to that.")
-        return b"".join(chunks)
+async def _body(http: HttpRequest, max_body: int) -> bytes:
+    """The request body, refused (413) past ``max_body`` bytes before it is all read."""
+    declared = http.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body:
+        raise RequestError(413, f"the body is {int(declared):,} bytes; this server takes up to {max_body:,}.")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_body:
+            raise RequestError(413, f"the body is over {max_body:,} bytes; this server takes up to that.")
+    return b"".join(chunks)
 
 
 def _response(reply: Reply) -> Response:
@@ -151,10 +161,22 @@ def _response(reply: Reply) -> Response:
     return Response(payload, status_code=status, headers=headers, media_type="application/json")
 
 
+# Serve admits 5 requests per replica by default: a batch could never grow past that, and the router backs
+# off (hundreds of ms) when replicas are full. Batches need the queue: admit many, run them 16 at a time.
+_REPLICA = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256}
+VeraModel = serve.deployment(name="VeraModel", **_REPLICA)(ModelReplica)
+VeraDirect = serve.deployment(name="VeraDirect", **_REPLICA)(DirectReplica)
+VeraIngress = serve.deployment(name="VeraIngress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=1024)(Ingress)
+
+
 def application(graph: str, loads: dict[str, str], tasks_beside: bool, *, max_batch: int = 16,
                 batch_wait_ms: float = 5.0, limits: Limits | None = None, max_body: int = DEFAULT_MAX_BODY,
-                replicas: int = 1, replica_cpus: float = 0.0):
-    """The bound application: ``replicas`` model replicas behind one ingress."""
+                replicas: int = 1, replica_cpus: float = 0.0, ingress: bool = True):
+    """The bound application: ``replicas`` model replicas behind one ingress (or, ``ingress=False``, model
+    replicas taking HTTP themselves: one Ray call less per request, but Ray's 500 when a replica dies)."""
     options = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": replica_cpus}}
-    model = VeraModel.options(**options).bind(graph, loads, tasks_beside, max_batch, batch_wait_ms, limits)
-    return VeraIngress.bind(model, max_body)
+    settings = (graph, loads, tasks_beside, max_batch, batch_wait_ms, limits, max_body)
+    if not ingress:
+        return VeraDirect.options(**options).bind(*settings)
+    return VeraIngress.bind(VeraModel.options(**options).bind(*settings), max_body)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ._contract import CONTRACT_VERSION, Contract
-from ._errors import VeraError, shown
+from ._errors import VeraError, printable
 from ._header import Header, read_header, read_tensors
 from ._io import atomic_path, atomic_write_bytes, file_problem
 
@@ -79,11 +79,11 @@ def check_fingerprint(fingerprint: str, base_digest: str | None, contract: Contr
     if fingerprint != contract.fingerprint:
         other_base = base_digest and contract.base_digest and base_digest != contract.base_digest
         base = (
-            f"; it was trained over other base weights (digest {shown(base_digest[:12])}, this graph's base is"
+            f"; it was trained over other base weights (digest {printable(base_digest[:12])}, this graph's base is"
             f" {contract.base_digest[:12]}), and a task only fits the base model it was trained on"
         ) if other_base else ""
         raise TaskFileError(
-            f"{source} was made for another graph (fingerprint {shown(fingerprint[:12])}, this graph"
+            f"{source} was made for another graph (fingerprint {printable(fingerprint[:12])}, this graph"
             f" has {contract.fingerprint[:12]}){base}: use the task files exported with this graph, or"
             " re-export the task against it."
         )
@@ -97,11 +97,11 @@ def check_entries(header: Header, expected: Mapping[str, tuple[int, ...]], sourc
     missing = sorted(set(expected) - set(header.entries))
     unknown = sorted(set(header.entries) - set(allowed))
     if missing or unknown:
-        detail = f"missing {missing[:3]}" if missing else f"unknown {[shown(n, 80) for n in unknown[:3]]}"
+        detail = f"missing {missing[:3]}" if missing else f"unknown {[printable(n, 80) for n in unknown[:3]]}"
         raise TaskFileError(f"{source} does not match the graph's layers: {detail} tensors.")
     for name, entry in header.entries.items():
         if entry.dtype != "F32" or entry.shape != tuple(allowed[name]):
-            dtype = entry.numpy_dtype.name if entry.numpy_dtype else shown(entry.dtype, 10)
+            dtype = entry.numpy_dtype.name if entry.numpy_dtype else printable(entry.dtype, 10)
             raise TaskFileError(
                 f"{source}: tensor '{name}' is {dtype}{list(entry.shape)}, the graph needs"
                 f" float32{list(allowed[name])}."
@@ -115,7 +115,7 @@ def check_task(task: Task, contract: Contract, source: str) -> None:
     missing = sorted(set(expected) - set(task.tensors))
     unknown = sorted(set(task.tensors) - set(expected))
     if missing or unknown:
-        detail = f"missing {missing[:3]}" if missing else f"unknown {[shown(n, 80) for n in unknown[:3]]}"
+        detail = f"missing {missing[:3]}" if missing else f"unknown {[printable(n, 80) for n in unknown[:3]]}"
         raise TaskFileError(f"{source} does not match the graph's layers: {detail} tensors.")
     for name, shape in expected.items():
         array = task.tensors[name]
@@ -216,7 +216,7 @@ def _native_info(metadata: Mapping[str, str], source: str) -> tuple[str, str, st
     version = metadata.get("vera.contract_version")
     if version != CONTRACT_VERSION:
         raise TaskFileError(
-            f"{source} follows task contract version {shown(version, 20)!r}; this vera-runtime reads version"
+            f"{source} follows task contract version {printable(version, 20)!r}; this vera-runtime reads version"
             f" {CONTRACT_VERSION}. Re-export the task, or upgrade vera-runtime."
         )
     return metadata.get("vera.task", ""), metadata.get("vera.fingerprint", ""), metadata.get("vera.base_digest") or None
@@ -260,6 +260,14 @@ def adapter_size_limit(contract: Contract) -> int:
     """The most bytes an .onnx_adapter of this graph's tasks can take: its tensors, names and a margin."""
     shapes = contract.task_shapes()
     return 4096 + sum(4 * math.prod(shape) + len(name) + 128 for name, shape in shapes.items())
+
+
+def task_file_paths(graph: str | os.PathLike, task: str) -> tuple[Path, Path]:
+    """Where a graph's files of task ``task`` live: beside it, ``<stem>.<task>.task.safetensors`` and
+    ``<stem>.<task>.onnx_adapter``."""
+    graph = Path(graph)
+    stem = graph.with_suffix("").name
+    return graph.with_name(f"{stem}.{task}{TASK_SUFFIX}"), graph.with_name(f"{stem}.{task}{ADAPTER_SUFFIX}")
 
 
 def task_files_beside(graph: str | os.PathLike, suffix: str = TASK_SUFFIX) -> dict[str, Path]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._contract import Contract
 from ._device import create_session
-from ._errors import FeedError, VeraError, shown
+from ._errors import FeedError, VeraError, printable
 from ._io import atomic_write_bytes, file_problem, refuse_overwriting
 from ._jsonio import json_inputs, parse_json
 from ._publish import pending_journal
@@ -74,8 +74,9 @@ def _require_loaded(session: VeraSession, names: list[str], graph: str) -> None:
     for name in names:
         if name not in session.tasks:
             raise FeedError(
-                f"no task '{shown(name, 64)}': the tasks beside {graph} are {sorted(session.tasks)}; load another"
-                f" with --load {shown(name, 64)}=PATH (a task file, .onnx_adapter or PEFT adapter_model.safetensors)."
+                f"no task '{printable(name, 64)}': the tasks beside {graph} are {sorted(session.tasks)}; load"
+                f" another with --load {printable(name, 64)}=PATH (a task file, .onnx_adapter or PEFT"
+                " adapter_model.safetensors)."
             )
 
 
@@ -91,16 +92,16 @@ def _cmd_tasks(args) -> None:
         raise FileNotFoundError(f"graph file {args.graph} {problem}.")
     ort_session, _ = create_session(args.graph, "cpu", _quiet_options(args))
     contract = Contract.from_metadata(ort_session.get_modelmeta().custom_metadata_map, args.graph)
-    print(f"{shown(args.graph, 400)}: default task '{contract.default_task}'")
+    print(f"{printable(args.graph, 400)}: default task '{contract.default_task}'")
     if journal := pending_journal(args.graph):
-        print(f"  note: {shown(journal.name)} records an export interrupted while it put its files in place;"
+        print(f"  note: {printable(journal.name)} records an export interrupted while it put its files in place;"
               " opening the graph with VeraSession (vera-run run) or exporting again finishes it.")
     for path in task_files_beside(args.graph).values():
         try:
             task = read_task(path, contract)
-            print(f"  {shown(task.name, 64):<20} {shown(path.name)}")
+            print(f"  {printable(task.name, 64):<20} {printable(path.name)}")
         except TaskFileError as exc:
-            print(f"  {'(refused)':<20} {shown(path.name)}: {shown(exc, 2000)}")
+            print(f"  {'(refused)':<20} {printable(path.name)}: {printable(exc, 2000)}")
 
 
 def _cmd_run(args) -> None:
@@ -118,14 +119,14 @@ def _cmd_run(args) -> None:
             raise OSError(exc.errno, exc.strerror, args.out) from exc
         print(f"Wrote {args.out}")
     for name, value in results.items():
-        print(f"{shown(name)}: {_summary(value)}")
+        print(f"{printable(name)}: {_summary(value)}")
 
 
 def _cmd_compare(args) -> None:
     session = _session(args)
     feeds = read_inputs(Path(args.input), session)
     output = args.output or session.output_names[0]
-    print(f"{'task':<20} {shown(output)} (row 0)")
+    print(f"{'task':<20} {printable(output)} (row 0)")
     for name in session.tasks:
         value = session.run(feeds, task=name, outputs=[output])[output]
         print(f"{name:<20} {_summary(value[0], width=6)}")
@@ -146,7 +147,7 @@ def _cmd_generate(args) -> None:
     for i, row in enumerate(out[:, ids.shape[1]:]):
         text = tokenizer.decode([int(t) for t in row], skip_special_tokens=True)
         label = f"[{tasks[i] if tasks else args.task or session.default_task}] " if len(args.prompt) > 1 else ""
-        print(f"{label}{shown(text, 1 << 20)}")
+        print(f"{label}{printable(text, 1 << 20)}")
 
 
 def _message(exc: Exception) -> str:
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for every failure; the traceback only with --verbose
         if args.verbose:
             raise
-        print(f"Error: {shown(_message(exc), 4000)}", file=sys.stderr)
+        print(f"Error: {printable(_message(exc), 4000)}", file=sys.stderr)
         return 1
     return 0
 

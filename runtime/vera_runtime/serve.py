@@ -2,7 +2,7 @@
 
     vera-serve GRAPH [--load NAME=PATH]... [--tasks-beside] [--host 127.0.0.1] [--port 8000]
                [--replicas N] [--max-batch 16] [--batch-wait-ms 5] [--max-body-mb 8] [--max-rows 256]
-               [--max-tokens 16384] [--address RAY_ADDRESS]
+               [--max-tokens 16384] [--direct] [--address RAY_ADDRESS]
 
 HTTP API (JSON):
     POST /v1/run    {"task": NAME, "inputs": {...}} or {"tasks": [NAME per row], "inputs": {...}}
@@ -24,6 +24,16 @@ import threading
 
 from ._batching import DEFAULT_MAX_BODY, DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, Limits
 from ._session import VeraSession
+
+
+def application(graph: str, loads: dict[str, str], tasks_beside: bool, **options):
+    """vera-serve's Ray Serve application, to run with ``serve.run`` in a Ray of your own: ``graph`` with
+    ``loads`` (task name -> file) and the task files beside it; ``options``: max_batch, batch_wait_ms,
+    limits (a ``Limits``), max_body, replicas, replica_cpus, and ingress (False: no ingress hop, Ray's 500
+    when a replica dies). Imports Ray Serve."""
+    from ._serve_app import application as bound
+
+    return bound(graph, loads, tasks_beside, **options)
 
 
 def _loads(entries: list[str] | None) -> dict[str, str]:
@@ -59,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rows", type=_positive, default=DEFAULT_MAX_ROWS, help="rows per request at most")
     parser.add_argument("--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS,
                         help="rows x sequence per request at most; also the most one run takes")
+    parser.add_argument("--direct", action="store_true",
+                        help="no ingress: replicas take HTTP themselves (one Ray call less per request, but a"
+                             " request whose replica dies gets Ray's 500 instead of a 503)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--loopback", action="store_true",
                         help="with --address: a cluster whose nodes all run on this machine (over 127.0.0.1)")
@@ -85,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ._serve_app import application
 
     # "local": a Ray of our own, never one that another program left running on this machine
     ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -97,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         app = application(
             os.path.abspath(args.graph), {k: os.path.abspath(v) for k, v in loads.items()}, args.tasks_beside,
             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, limits=Limits(args.max_rows, args.max_tokens),
-            max_body=int(args.max_body_mb * (1 << 20)), replicas=args.replicas, replica_cpus=args.replica_cpus)
+            max_body=int(args.max_body_mb * (1 << 20)), replicas=args.replicas, replica_cpus=args.replica_cpus,
+            ingress=not args.direct)
         serve.run(app, name="vera", route_prefix="/", blocking=False)
         print(f"vera-serve: serving {args.graph} on http://{args.host}:{args.port}/v1/run", flush=True)
         stop.wait()
