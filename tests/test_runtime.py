@@ -255,7 +255,7 @@ def test_cuda_session_matches_cpu_per_call_and_per_row(vera, encoder):
     gpu = VeraSession(encoder.path, device="cuda")
     assert gpu.device == "cuda"
     for name in cpu.tasks:
-        gpu.load_task(name, cpu._tasks[name].path)
+        gpu.load_task(name, cpu._store.current(name).path)
     feeds = _feeds(batch=3)
     for kwargs in ({"task": "a"}, {"task": "b"}, {"tasks": ["b", "a", "default"]}, {}):
         got, want = gpu.run(feeds, **kwargs)["logits"], cpu.run(feeds, **kwargs)["logits"]
@@ -322,3 +322,26 @@ def test_a_task_used_repeatedly_is_specialised_automatically(hot_graph):
     assert sess.hot == ("default",)
     hot = sess.run(feeds, task="default")["logits"]
     assert np.abs(hot - factored).max() <= 1e-5 * np.abs(factored).max()
+
+
+def test_close_releases_every_session_and_thread_and_later_calls_say_so(hot_graph):
+    import gc
+    import weakref
+
+    from vera_runtime import ClosedError
+
+    feeds = {"input_ids": np.ones((1, 4), np.int64)}
+    with VeraSession(hot_graph, device="cpu") as sess:
+        sess.load_tasks_beside()
+        sess.specialize("default").result()
+        assert sess.hot == ("default",) and any(t.name.startswith("vera-hot") for t in threading.enumerate())
+        sessions = [weakref.ref(sess._session), weakref.ref(sess._hot._hot["default"].session)]
+        sess.run(feeds, task="default")
+    gc.collect()
+    assert [ref() for ref in sessions] == [None, None], "an ONNX Runtime session outlived close()"
+    assert not any(t.name.startswith("vera-hot") for t in threading.enumerate())
+    for call in (lambda: sess.run(feeds, task="default"), lambda: sess.load_tasks_beside(),
+                 lambda: sess.specialize("default"), lambda: sess.unload_task("default")):
+        with pytest.raises(ClosedError, match="was closed: create another one"):
+            call()
+    sess.close()  # twice is fine

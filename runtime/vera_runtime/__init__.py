@@ -1,7 +1,7 @@
 """vera_runtime: the torch-free side of vera-export (numpy, safetensors and onnxruntime only)."""
 
 from ._contract import CONTRACT_VERSION, Contract, ContractError, HeadSpec, LayerSpec, fingerprint
-from ._errors import DeviceError, FeedError, GraphError, VeraError
+from ._errors import ClosedError, DeviceError, FeedError, GraphError, VeraError
 from ._feeds import InputInfo
 from ._publish import JournalError
 from ._session import VeraSession
@@ -19,6 +19,7 @@ from ._taskfile import (
 __all__ = [
     "ADAPTER_SUFFIX",
     "CONTRACT_VERSION",
+    "ClosedError",
     "Contract",
     "ContractError",
     "DeviceError",

@@ -13,6 +13,10 @@ class FeedError(VeraError, ValueError):
     """Inputs given to ``VeraSession.run`` do not match the graph (name, dtype, rank or tasks)."""
 
 
+class ClosedError(VeraError, RuntimeError):
+    """A VeraSession was used after ``close()``."""
+
+
 class GraphError(VeraError, ValueError):
     """ONNX Runtime cannot load a graph file (damaged, or its external data is refused)."""
 

@@ -1,4 +1,5 @@
-"""The hot template (``<stem>.hot.onnx``, ``vera-export --hot-template``): trusted by its content only.
+"""Hot tasks: one task served at merged-graph speed from the hot template (``<stem>.hot.onnx``,
+``vera-export --hot-template``), which is trusted by its content only.
 
 The export records a SHA-256 of the template's bytes (and of its ``.data``) in the graph's metadata
 (``vera.hot_template_sha256``). A session hashes the template once, before it builds anything from it:
@@ -8,10 +9,20 @@ session says so once (a warning) instead of rebuilding and failing again.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
 import hashlib
 import threading
 import warnings
 from pathlib import Path
+
+import onnxruntime as ort
+
+from ._contract import Contract
+from ._errors import GraphError
+from ._tasks import LoadedTask, TaskStore
 
 HOT_SUFFIX = ".hot.onnx"
 _CHUNK = 1 << 20
@@ -75,3 +86,114 @@ class HotTemplate:
                     " (edited, or from another graph); tasks run on the factored graph. Export again with"
                     " --hot-template to restore it.")
         return None
+
+
+_HOT_AFTER = 8  # consecutive single-task calls before a task is specialised: alternating tasks don't thrash
+_INHERITED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
+@dataclasses.dataclass(frozen=True)
+class HotSession:
+    """A session of the hot template with one task's tensors as constant initializers: ONNX Runtime
+    folds W + ΔW at creation, so runs cost what a merged graph costs."""
+
+    task: LoadedTask
+    session: ort.InferenceSession
+    values: list[ort.OrtValue]  # ORT does not own external initializers: they live as long as the session
+
+
+class HotTasks:
+    """Tasks served at merged-graph speed from the hot template: built in a thread of their own, at most
+    ``capacity`` at a time (the least recently built dropped), each only while its task stays loaded."""
+
+    def __init__(self, graph: Path, contract: Contract, store: TaskStore, options: ort.SessionOptions,
+                 capacity: int | None) -> None:
+        self.template = HotTemplate(graph, contract.hot_template_sha256)
+        self.capacity = (1 if self.template.exists() else 0) if capacity is None else capacity
+        self._store = store
+        self._options = options
+        self._hot: collections.OrderedDict[str, HotSession] = collections.OrderedDict()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._streak: tuple[str | None, int] = (None, 0)
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._hot)
+
+    def specialize(self, task: LoadedTask) -> concurrent.futures.Future:
+        if not self.template.exists():
+            raise FileNotFoundError(
+                f"no hot template {self.template.path}: export with `vera-export ... --hot-template`."
+            )
+        if problem := self.template.problem():
+            raise GraphError(problem)
+        with self._lock:
+            return self._schedule(task)
+
+    def session_for(self, task: str | None) -> HotSession | None:
+        """The hot session that serves a single-task run of ``task``, scheduling one after a streak."""
+        if task is None or not self.capacity:
+            return None
+        current = self._store.current(task)
+        with self._lock:
+            hot = self._hot.get(task)
+            if hot is not None and hot.task is current:
+                self._hot.move_to_end(task)
+                return hot
+            streak = self._streak[1] + 1 if self._streak[0] == task else 1
+            self._streak = (task, streak)
+            if streak >= _HOT_AFTER and current is not None and self.template.exists() and not self.template.refused():
+                self._schedule(current)
+        return None
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._hot.pop(name, None)
+
+    def close(self) -> None:
+        """Stop the builder thread (a build under way finishes first) and release every hot session."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._hot.clear()
+            self._pending.clear()
+            self.capacity = 0
+
+    def _schedule(self, task: LoadedTask) -> concurrent.futures.Future:
+        """Queue ``task``'s hot session unless it is queued already (call with the lock held)."""
+        if task.name not in self._pending:
+            if self._executor is None:  # the thread exists only once something is built
+                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vera-hot")
+            self._pending[task.name] = self._executor.submit(self._build, task)
+        return self._pending[task.name]
+
+    def _build(self, task: LoadedTask) -> None:
+        try:
+            if self.template.problem():  # checked (and warned about) once; never built from
+                return
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in task.feeds.values()]
+            options = self._session_options()
+            # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
+            options.add_external_initializers(list(task.feeds), values)
+            session = ort.InferenceSession(str(self.template.path), options, providers=["CPUExecutionProvider"])
+            with self._lock:
+                if self._store.current(task.name) is task and self.capacity:  # not unloaded, replaced or closed
+                    self._hot[task.name] = HotSession(task, session, values)
+                    while len(self._hot) > max(self.capacity, 1):
+                        self._hot.popitem(last=False)
+        finally:
+            with self._lock:
+                self._pending.pop(task.name, None)
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = self._options.intra_op_num_threads
+        for key in _INHERITED_CONFIG:  # what the caller set on their options applies here too
+            with contextlib.suppress(Exception):  # ORT raises when the key was never set
+                options.add_session_config_entry(key, self._options.get_session_config_entry(key))
+        return options

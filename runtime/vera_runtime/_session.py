@@ -1,13 +1,14 @@
-"""VeraSession: one ONNX Runtime session, many tasks, switched per call or per batch row."""
+"""VeraSession: one ONNX Runtime session, many tasks, switched per call or per batch row.
+
+Made of parts with one job each: the loaded tasks and the feeds of a run (``_tasks.TaskStore``), the
+hot tasks and their builder thread (``_hot.HotTasks``), and generation (``_generate``); the session
+checks what callers give it, runs the graph, and releases everything on ``close()``.
+"""
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import contextlib
-import dataclasses
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -16,36 +17,14 @@ import onnxruntime as ort
 
 from ._contract import Contract
 from ._device import create_session
-from ._errors import FeedError, GraphError
+from ._errors import ClosedError, FeedError
 from ._feeds import InputInfo, check_feeds
 from ._generate import CacheLayout, Sampling, TokenIds, cache_step, check_length, check_prompt, stream
-from ._hot import HotTemplate
+from ._hot import HotTasks
 from ._io import file_problem
-from ._loaders import load_any_task
 from ._publish import finish_publish
-from ._taskfile import check_task_name, task_files_beside
-
-_ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
-_HOT_AFTER = 8  # consecutive single-task calls before a task is specialised: alternating tasks don't thrash
-_INHERITED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
-
-
-@dataclasses.dataclass(frozen=True)
-class _HotSession:
-    """A session of the hot template with one task's tensors as constant initializers: ONNX
-    Runtime folds W + ΔW at creation, so runs cost what a merged graph costs."""
-
-    task: _LoadedTask
-    session: ort.InferenceSession
-    values: list[ort.OrtValue]  # ORT does not own external initializers: they live as long as the session
-
-
-@dataclasses.dataclass(frozen=True)
-class _LoadedTask:
-    name: str
-    path: Path
-    feeds: dict[str, np.ndarray]  # float32 [1, n], contiguous: fed as they are on the CPU
-    on_device: dict[str, ort.OrtValue] | None  # the same, copied once to the GPU
+from ._taskfile import task_files_beside
+from ._tasks import TaskStore
 
 
 def _names(value, what: str, example: str) -> None:
@@ -96,7 +75,6 @@ class VeraSession:
         options.log_severity_level = max(options.log_severity_level, 3)  # one warning per λ default otherwise
         if threads:
             options.intra_op_num_threads = threads
-        self._options = options
         self._session, self.device = create_session(str(self.model_path), device, options)
         metadata = self._session.get_modelmeta().custom_metadata_map
         self.contract = Contract.from_metadata(metadata, str(self.model_path))
@@ -107,25 +85,40 @@ class VeraSession:
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.cache = CacheLayout.of(self._inputs, self.output_names)  # None: exported without --kv-cache
         self._token_ids = TokenIds.beside(self.model_path) if self.cache else TokenIds()  # read once, not per call
-        self._tasks: dict[str, _LoadedTask] = {}
-        self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._template = HotTemplate(self.model_path, self.contract.hot_template_sha256)
-        self.hot_template = self._template.path
-        if hot_tasks is None:
-            hot_tasks = 1 if self._template.exists() else 0
-        self.hot_tasks = hot_tasks
-        self._hot: collections.OrderedDict[str, _HotSession] = collections.OrderedDict()
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._streak: tuple[str | None, int] = (None, 0)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vera-hot")
+        self._store = TaskStore(self.contract, self.device, self.model_path.name)
+        self._hot = HotTasks(self.model_path, self.contract, self._store, options,
+                             0 if self.device == "cuda" else hot_tasks)  # hot sessions run on the CPU
+        self.hot_template = self._hot.template.path
+        self._closed = False
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the ONNX Runtime sessions (hot ones included), the hot-task thread and every task's
+        copies. Idempotent; afterwards every call raises ClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hot.close()
+        self._store.clear()
+        self._session = None
+
+    def __enter__(self) -> VeraSession:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"this VeraSession of {self.model_path.name} was closed: create another one.")
 
     # -- tasks ---------------------------------------------------------------------------
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """Names of the loaded tasks."""
-        return tuple(self._tasks)
+        return self._store.names
 
     @property
     def default_task(self) -> str:
@@ -147,49 +140,28 @@ class VeraSession:
         The file is read and checked completely before anything changes: a failure raises
         TaskFileError and leaves the session and every loaded task as they were.
         """
-        self._install([self._read(name, path)])
+        self._open()
+        self._install([self._store.read(name, path)])
 
     def load_tasks_beside(self) -> list[str]:
         """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``).
 
         All or nothing: every file is read and checked before any task is added or replaced."""
+        self._open()
         beside = task_files_beside(self.model_path)
-        self._install([self._read(name, path) for name, path in beside.items()])
+        self._install([self._store.read(name, path) for name, path in beside.items()])
         return list(beside)
 
-    def _read(self, name: str, path: str | os.PathLike) -> _LoadedTask:
-        check_task_name(name)
-        task = load_any_task(path, self.contract)
-        feeds = {key: np.ascontiguousarray(task.tensors[key], dtype=np.float32)[None] for key in self._task_inputs}
-        on_device = None
-        if self.device == "cuda":
-            on_device = {key: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for key, value in feeds.items()}
-        return _LoadedTask(name, Path(path), feeds, on_device)
-
-    def _install(self, tasks: list[_LoadedTask]) -> None:
-        with self._lock:
-            for loaded in tasks:
-                self._tasks[loaded.name] = loaded
-                self._forget_rows(loaded.name)
-                self._hot.pop(loaded.name, None)
+    def _install(self, tasks) -> None:
+        self._store.install(tasks)
+        for task in tasks:
+            self._hot.forget(task.name)
 
     def unload_task(self, name: str) -> None:
-        with self._lock:
-            if name not in self._tasks:
-                raise FeedError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}.")
-            del self._tasks[name]
-            self._forget_rows(name)
-            self._hot.pop(name, None)
-
-    def _forget_rows(self, name: str) -> None:
-        for key in [key for key in self._rows if name in key]:
-            del self._rows[key]
-
-    def _get(self, name: str) -> _LoadedTask:
-        task = self._tasks.get(name)
-        if task is None:
-            raise FeedError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}. Use load_task().")
-        return task
+        """Forget task ``name`` (FeedError if it is not loaded)."""
+        self._open()
+        self._store.unload(name)
+        self._hot.forget(name)
 
     # -- running -------------------------------------------------------------------------
 
@@ -205,100 +177,37 @@ class VeraSession:
         """Run the model inputs ``feeds`` with one ``task``, or ``tasks`` (one name per batch row),
         or neither (the graph's default task). Returns outputs by name: numpy arrays, or OrtValues
         left on the GPU with ``keep_on_device=True``."""
+        self._open()
         _check_choice(task, tasks, outputs)
         batch = check_feeds(feeds, self._inputs, self._task_inputs, self.contract)
         names = list(outputs or self.output_names)
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
             raise FeedError(f"the graph has no output {unknown}; its outputs are {self.output_names}.")
-        with self._lock:  # a consistent view of the tasks; the run itself is outside the lock
-            hot = self._hot_for(task, tasks)
-            lambdas = {} if hot else self._lambdas(task, tasks, batch)
+        hot = self._hot.session_for(task) if tasks is None else None
         if hot is not None:
             return dict(zip(names, hot.session.run(names, dict(feeds)), strict=True))
+        task_feeds = self._store.feeds(task, tasks, batch)
         if self.device == "cuda":
-            return self._run_bound(feeds, lambdas, names, keep_on_device)
-        return dict(zip(names, self._session.run(names, {**feeds, **lambdas}), strict=True))
-
-    def _lambdas(self, task: str | None, tasks: Sequence[str] | None, batch: int) -> dict:
-        if tasks is not None:
-            tasks = tuple(tasks)
-            if len(tasks) != batch:
-                raise FeedError(f"tasks= gives {len(tasks)} names for a batch of {batch} rows: give one per row.")
-            if len(set(tasks)) == 1:
-                task = tasks[0]
-            else:
-                return self._row_lambdas(tasks)
-        if task is None and self.contract.task_defaults:
-            return {}
-        if task is None and self.default_task not in self._tasks:
-            raise FeedError(
-                f"{self.model_path.name} holds no task values (a graph converted --to web): load its task files"
-                f" first, e.g. load_tasks_beside(), or pass task=NAME; its default task is '{self.default_task}'."
-            )
-        loaded = self._get(task or self.default_task)
-        return loaded.on_device if loaded.on_device is not None else loaded.feeds
+            return self._run_bound(feeds, task_feeds, names, keep_on_device)
+        return dict(zip(names, self._session.run(names, {**feeds, **task_feeds}), strict=True))
 
     # -- hot tasks -----------------------------------------------------------------------
 
     @property
+    def hot_tasks(self) -> int:
+        """How many tasks may be served from hot sessions at once (0: none)."""
+        return self._hot.capacity
+
+    @property
     def hot(self) -> tuple[str, ...]:
         """Tasks served from a specialised session right now."""
-        return tuple(self._hot)
+        return self._hot.names
 
     def specialize(self, name: str) -> concurrent.futures.Future:
         """Build ``name``'s hot session in the background; the returned future completes when it serves."""
-        if not self._template.exists():
-            raise FileNotFoundError(
-                f"no hot template {self.hot_template}: export with `vera-export ... --hot-template`."
-            )
-        if problem := self._template.problem():
-            raise GraphError(problem)
-        with self._lock:
-            return self._schedule(self._get(name))
-
-    def _schedule(self, task: _LoadedTask) -> concurrent.futures.Future:
-        """Queue ``task``'s hot session unless it is queued already (call with the lock held)."""
-        if task.name not in self._pending:
-            self._pending[task.name] = self._executor.submit(self._build_hot, task)
-        return self._pending[task.name]
-
-    def _hot_for(self, task: str | None, tasks: Sequence[str] | None) -> _HotSession | None:
-        """The hot session for a single-task run, scheduling one when the task has none yet."""
-        if task is None or tasks is not None or not self.hot_tasks or self.device == "cuda":
-            return None
-        hot = self._hot.get(task)
-        if hot is not None and hot.task is self._tasks.get(task):
-            self._hot.move_to_end(task)
-            return hot
-        streak = self._streak[1] + 1 if self._streak[0] == task else 1
-        self._streak = (task, streak)
-        if streak >= _HOT_AFTER and task in self._tasks and self._template.exists() and not self._template.refused():
-            self._schedule(self._tasks[task])
-        return None
-
-    def _build_hot(self, task: _LoadedTask) -> None:
-        try:
-            if self._template.problem():  # checked (and warned about) once; never built from
-                return
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.intra_op_num_threads = self._options.intra_op_num_threads
-            for key in _INHERITED_CONFIG:  # what the caller set on their options applies here too
-                with contextlib.suppress(Exception):  # ORT raises when the key was never set
-                    options.add_session_config_entry(key, self._options.get_session_config_entry(key))
-            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in task.feeds.values()]
-            # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
-            options.add_external_initializers(list(task.feeds), values)
-            session = ort.InferenceSession(str(self.hot_template), options, providers=["CPUExecutionProvider"])
-            with self._lock:
-                if self._tasks.get(task.name) is task:  # not unloaded or replaced meanwhile
-                    self._hot[task.name] = _HotSession(task, session, values)
-                    while len(self._hot) > max(self.hot_tasks, 1):
-                        self._hot.popitem(last=False)
-        finally:
-            with self._lock:
-                self._pending.pop(task.name, None)
+        self._open()
+        return self._hot.specialize(self._store.get(name))
 
     # -- generation ----------------------------------------------------------------------
 
@@ -347,19 +256,19 @@ class VeraSession:
         """Yield each step's next token for every row (``[batch]`` int64) of left-padded prompts, with one
         ``task`` or ``tasks`` (one per row). Greedy unless ``do_sample`` (temperature, top_k, top_p; a
         ``seed`` makes draws repeatable). eos and pad ids default to the graph's genai_config.json."""
+        self._open()
         self.require_cache()
         _check_choice(task, tasks, None)
         ids, mask = check_prompt(input_ids, attention_mask)
         check_length(ids, max_new_tokens, self.contract.dim_limits.get("total_sequence"))
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         tokens = self._token_ids.overridden(eos_token_id, pad_token_id)
-        with self._lock:  # a task served hot (--hot-template) generates at merged-graph speed too
-            hot = self._hot_for(task, tasks)
-            lambdas = {} if hot else self._lambdas(task, tasks, len(ids))
+        hot = self._hot.session_for(task) if tasks is None else None  # a hot task generates at merged speed too
+        task_feeds = {} if hot else self._store.feeds(task, tasks, len(ids))
         check_feeds({"input_ids": ids, "attention_mask": mask, "position_ids": ids, **self.cache.empty(len(ids))},
                     self._inputs, self._task_inputs, self.contract)
         session = hot.session if hot else self._session
-        step = cache_step(session, self.cache, lambdas, on_device=self.device == "cuda")
+        step = cache_step(session, self.cache, task_feeds, on_device=self.device == "cuda")
         return stream(step, self.cache, ids, mask, max_new_tokens, sampling, tokens)
 
     def require_cache(self) -> None:
@@ -374,25 +283,11 @@ class VeraSession:
         """eos and pad ids from the genai_config.json exported beside the graph (none when absent)."""
         return self._token_ids
 
-    def _row_lambdas(self, tasks: tuple[str, ...]) -> dict:
-        if self.device == "cuda" and tasks in self._rows:
-            self._rows.move_to_end(tasks)
-            return self._rows[tasks]
-        loaded = [self._get(name) for name in tasks]
-        stacked = {key: np.concatenate([t.feeds[key] for t in loaded]) for key in self._task_inputs}
-        if self.device != "cuda":
-            return stacked
-        # one host->device copy per new combination of rows, then reused
-        self._rows[tasks] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in stacked.items()}
-        if len(self._rows) > _ROW_CACHE:
-            self._rows.popitem(last=False)
-        return self._rows[tasks]
-
-    def _run_bound(self, feeds, lambdas, names, keep_on_device):
+    def _run_bound(self, feeds, task_feeds, names, keep_on_device):
         binding = self._session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name, value in lambdas.items():
+        for name, value in task_feeds.items():
             binding.bind_ortvalue_input(name, value)
         for name in names:
             binding.bind_output(name, "cuda" if keep_on_device else "cpu")
