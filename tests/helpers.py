@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vera_export._discover import AdaptedModel, find_vera_layers
-from vera_export._verify import lambdas_set, ort_session, random_task, torch_outputs
+from vera_export._verify import ort_session, random_task, task_tensors_set, torch_outputs
 
 TOLERANCE = 1e-5
 
@@ -70,7 +70,7 @@ def task_of(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
 
 def torch_reference(exported: Exported, feeds: dict, task: dict | None = None) -> dict[str, np.ndarray]:
     """The model's own forward (ours or PEFT's) with ``task``'s λ loaded into its parameters."""
-    with lambdas_set(exported.adapted, task) if task else contextlib.nullcontext():
+    with task_tensors_set(exported.adapted, task) if task else contextlib.nullcontext():
         return torch_outputs(exported.model, feeds)
 
 

@@ -177,6 +177,7 @@ def test_task_command_adds_a_task_and_refuses_another_graphs_model(checkpoint, t
     assert not (tmp_path / "m.lm.task.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_failed_export_with_hot_template_leaves_nothing(checkpoint, tmp_path):
     result = invoke(checkpoint, "--out", tmp_path / "m.onnx", "--hot-template", "--tolerance", "1e-12")
     assert_clean_failure(result, tmp_path, "ONNX Runtime differs from PyTorch")
@@ -208,3 +209,21 @@ def test_every_package_is_installed_by_a_plain_pip_install():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "vera_export").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+
+
+@pytest.mark.parametrize("flag", ["--adapter", "--task"])
+def test_another_adapter_is_given_with_adapter_and_the_old_task_flag_still_means_it(flag, tmp_path):
+    """One meaning of --task per word: NAME=ADAPTER_DIR is --adapter now (--task, hidden, is kept)."""
+    (tmp_path / "model.pt").write_bytes(b"PK")
+    result = CliRunner().invoke(main, [str(tmp_path / "model.pt"), flag, "b=dir", "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--adapter applies to PEFT adapter folders" in result.output, result.output
+    assert "--adapter NAME=ADAPTER_DIR" in CliRunner().invoke(main, ["export", "--help"]).output
+
+
+def test_reference_models_take_task_seed(tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "vera_models", "tiny-encoder", "--out-dir", str(tmp_path), "--task-seed", "a=3"]
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.npz", "tiny-encoder.a.pt"]

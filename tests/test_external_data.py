@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import vera_models
 from helpers import export_two_task_encoder
-from vera_export import _options, convert
+from vera_export import _defaults, convert
 from vera_runtime import VeraSession
 
 
@@ -29,7 +29,7 @@ def _outputs(path, feeds) -> dict[str, np.ndarray]:
 
 def test_external_data_graphs_export_load_move_and_convert(tmp_path, monkeypatch, two_task_encoder):
     inline = two_task_encoder
-    monkeypatch.setattr(_options, "EXTERNAL_DATA_BYTES", 0)  # export, convert and int8 read it
+    monkeypatch.setattr(_defaults, "EXTERNAL_DATA_BYTES", 0)  # export, convert and int8 read it
     graph = tmp_path / "external" / "encoder.onnx"
     graph.parent.mkdir()
     export_two_task_encoder(graph)  # verified against PyTorch through the external data, as every export is

@@ -100,10 +100,10 @@ def _start(model: Path, out: Path, pause: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize(("point", "sig", "expect"), [
-    ("verify", signal.SIGKILL, "old"),  # killed while verifying: staged files stay behind, hidden
-    ("verify", signal.SIGTERM, "old"),  # terminated: everything staged is removed at once
+    pytest.param("verify", signal.SIGKILL, "old", marks=pytest.mark.slow),  # staged files stay behind, hidden
+    pytest.param("verify", signal.SIGTERM, "old", marks=pytest.mark.slow),  # everything staged is removed at once
     ("publish:60", signal.SIGKILL, "new"),  # killed between renames: the journal finishes the set
-    ("publish:2", signal.SIGTERM, "new"),  # SIGTERM waits for the renames, then ends the process
+    pytest.param("publish:2", signal.SIGTERM, "new", marks=pytest.mark.slow),  # SIGTERM waits for the renames
 ])
 def test_a_killed_export_leaves_the_old_set_or_the_new_one(sets, tmp_path, point, sig, expect):
     old, new, model = sets
@@ -169,6 +169,7 @@ def test_a_checkpoint_whose_config_declares_more_than_it_holds_is_refused_first(
     assert growth < 32, f"loading took {growth:.0f} MB"
 
 
+@pytest.mark.slow
 def test_a_compressed_storage_is_refused_before_it_inflates(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {"w": torch.zeros(100_000_000)}}, plain)  # 400 MB of zeros
@@ -285,7 +286,7 @@ def test_tasks_are_not_replaced_by_accident_and_reexports_replace_the_whole_set(
 def test_duplicate_task_names_in_one_command_are_refused(bert_folders_for_names, tmp_path):
     base, first, second = bert_folders_for_names
     for extra in ([f"first={second}"], [f"a1={first}", f"a1={second}"]):
-        args = [str(first), "--base", str(base), *[a for e in extra for a in ("--task", e)], "--out",
+        args = [str(first), "--base", str(base), *[a for e in extra for a in ("--adapter", e)], "--out",
                 str(tmp_path / "m.onnx")]
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and "is given twice" in result.output, result.output
@@ -368,6 +369,7 @@ def test_bad_adapter_configs_give_one_line(bert_folders_for_names, tmp_path):
 # -- failures while writing --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_and_leaves_nothing(sets, tmp_path):
     """RLIMIT_FSIZE makes every write past 256 KB fail as a full disk would (EFBIG instead of ENOSPC)."""
     import resource
@@ -386,10 +388,11 @@ def test_a_full_disk_names_the_file_and_leaves_nothing(sets, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_blocked_task_path_in_a_multi_task_export_writes_nothing(bert_folders_for_names, tmp_path):
     base, first, second = bert_folders_for_names
     (tmp_path / "m.second.task.safetensors").mkdir()  # in the way of the second task's file
-    result = CliRunner().invoke(main, [str(first), "--base", str(base), "--task", f"second={second}", "--out",
+    result = CliRunner().invoke(main, [str(first), "--base", str(base), "--adapter", f"second={second}", "--out",
                                        str(tmp_path / "m.onnx"), "--no-verify"])
     assert result.exit_code == 1 and "m.second.task.safetensors: a directory is in the way" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["m.second.task.safetensors"]

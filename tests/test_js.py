@@ -126,6 +126,7 @@ def test_onnxruntime_node_equals_the_python_runtime(fixtures):
     assert "# pass 5" in output, output[-2000:]  # four cases and the refusals
 
 
+@pytest.mark.slow
 def test_onnxruntime_web_in_headless_chromium_equals_the_python_runtime(fixtures):
     _require((JS / "node_modules" / "puppeteer-core").is_dir(), "runtime/js/node_modules")
     _require(any(shutil.which(n) for n in ("chromium", "chromium-browser")) or "CHROMIUM" in os.environ, "chromium")

@@ -48,13 +48,17 @@ def exported_family(name: str, tmp_path_factory) -> tuple:
         }
         _duplicate_modules_to_save(adapters["second"])
         out = root / "m.onnx"
-        _invoke(adapters["first"], "--base", base, "--task", f"second={adapters['second']}", "--out", out)
+        _invoke(adapters["first"], "--base", base, "--adapter", f"second={adapters['second']}", "--out", out)
         _invoke("task", adapters["third"], "--base", base, "--graph", out)
         _EXPORTED[name] = name, base, adapters, out
     return _EXPORTED[name]
 
 
-@pytest.fixture(params=FAMILY_NAMES)
+FAST_FAMILIES = ("bert-cls", "gpt2", "llama")  # a head, Conv1D, a causal LM; the rest run with -m slow
+
+
+@pytest.fixture(params=[name if name in FAST_FAMILIES else pytest.param(name, marks=pytest.mark.slow)
+                        for name in FAMILY_NAMES])
 def family(request, tmp_path_factory):
     return exported_family(request.param, tmp_path_factory)
 
@@ -169,7 +173,7 @@ def test_lora_adapter_is_refused(bert_folders, tmp_path):
 def test_adapters_with_mismatched_seed_or_rank(bert_folders, tmp_path, field, value, shown):
     root, base, good = bert_folders
     other = make_adapter(tmp_path / "other", base, "bert-features", seed=2, **{field: value})
-    _fail([good, "--base", base, "--task", f"other={other}", "--out", tmp_path / "m.onnx"], tmp_path,
+    _fail([good, "--base", base, "--adapter", f"other={other}", "--out", tmp_path / "m.onnx"], tmp_path,
           f"adapters 'good' and 'other' cannot share one graph: {field} differs {shown}")
 
 
@@ -182,6 +186,7 @@ def test_base_folder_that_does_not_match_the_adapter_names_each_class_tried(bert
           " has no such layer", "AutoModel (fallback)", "or its class with --model-class NAME")
 
 
+@pytest.mark.slow
 def test_model_class_option_chooses_the_class_and_is_checked_too(bert_folders, tmp_path):
     _, base, good = bert_folders
     _fail([good, "--base", base, "--model-class", "NoSuchModel", "--out", tmp_path / "m.onnx"], tmp_path,
@@ -220,6 +225,7 @@ def test_task_command_refuses_an_adapter_of_another_graph(bert_folders, tmp_path
     assert sorted(p.name for p in tmp_path.glob("m.*")) == ["m.good.onnx_adapter", "m.good.task.safetensors", "m.onnx"]
 
 
+@pytest.mark.slow
 def test_base_defaults_to_the_adapters_local_base_folder_else_must_be_given(bert_folders, tmp_path):
     _, base, good = bert_folders
     config = json.loads((good / "adapter_config.json").read_text())
@@ -246,10 +252,11 @@ def test_bias_modes_shared_biases_export_and_differing_ones_are_refused(bert_fol
     assert result.exit_code == 0, result.output  # its verification compares against PEFT's own forward
     second = make_adapter(tmp_path / "second", base, "bert-features", seed=4, bias="vera_only")
     (tmp_path / "two").mkdir()
-    _fail([first, "--base", base, "--task", f"second={second}", "--out", tmp_path / "two" / "m.onnx"],
+    _fail([first, "--base", base, "--adapter", f"second={second}", "--out", tmp_path / "two" / "m.onnx"],
           tmp_path / "two", "train different biases", "bias='vera_only'")
 
 
+@pytest.mark.slow
 def test_input_specs_replace_the_defaults(tmp_path_factory, tmp_path):
     """--input describes every model input itself: no text defaults are computed for a vision model."""
     _, base, adapters, _ = exported_family("vit", tmp_path_factory)

@@ -41,7 +41,7 @@ def test_batch_major_flattened_layers_take_their_batch_rows_task(tmp_path):
     model = _adapted(seq_major=False)
     result = export(model, tmp_path / "m.onnx")
     checks = {check.name: check for check in result.verification.checks}
-    assert checks["mixed batch (a task per row)"].relative <= 1e-5
+    assert checks["a task per row"].relative <= 1e-5
     sess = session(result.onnx_path)
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
     lam_b = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
@@ -59,7 +59,7 @@ def test_a_layout_that_breaks_per_row_tasks_is_named_and_nothing_is_written(tmp_
     with pytest.raises(VeraExportError) as error:
         export(_adapted(seq_major=True), tmp_path / "m.onnx")
     message = str(error.value)
-    assert "only on 'mixed batch (a task per row)'" in message
+    assert "only on 'a task per row'" in message
     assert "layout breaks per-row tasks" in message and "single-task runs are unaffected" in message
     assert "--tolerance" not in message
     assert list(tmp_path.iterdir()) == []

@@ -138,6 +138,7 @@ def test_two_adapters_on_different_targets_each_export_as_peft_runs_them(tmp_pat
         add_task(model, tmp_path / "adapter0.onnx", "adapter1")
 
 
+@pytest.mark.slow
 def test_a_causal_lm_with_an_attention_mask_spec_verifies(tmp_path):
     """Realistic example masks (padded on the right, no empty row): random 0/1 masks left positions with
     nothing to attend to, and the export failed verification blaming the model class."""
@@ -159,6 +160,7 @@ def test_a_half_precision_model_is_refused_by_the_library_and_converted_by_the_c
     assert "(float16) weights; exported in float32" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_pickle_whose_module_is_missing_gets_advice_that_works(tmp_path):
     (tmp_path / "mymodels.py").write_text(
         "import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                 reason='ray[serve] is not installed (pip install "./runtime[serve]")')
 
 
+@pytest.mark.slow
 def test_two_nodes_of_a_ray_cluster_both_answer(encoder, tmp_path):
     """A two-node Ray cluster on this machine (Ray's cluster utilities, over 127.0.0.1), two replicas of
     one CPU each, so one per node; concurrent clients are answered by both. In a module of its own, so

@@ -341,6 +341,7 @@ def _untrusted_template(mine: Path, other: Path, folder: Path, how: str) -> Path
 
 
 @pytest.mark.parametrize("how", ["edited", "from another graph", "no digest recorded"])
+@pytest.mark.slow
 def test_an_untrusted_hot_template_is_never_served(hot_pair, tmp_path, how):
     graph = _untrusted_template(*hot_pair, tmp_path / "m", how)
     session = VeraSession(graph, device="cpu", hot_tasks=1)
@@ -355,6 +356,7 @@ def test_an_untrusted_hot_template_is_never_served(hot_pair, tmp_path, how):
     assert session.hot == ()
 
 
+@pytest.mark.slow
 def test_a_trusted_hot_template_is_still_served(hot_pair):
     session = VeraSession(hot_pair[0], device="cpu", hot_tasks=1)
     session.load_tasks_beside()

@@ -89,6 +89,7 @@ def test_over_the_limits_is_a_413(server):
     assert status == 413 and "270,000 in all; this server takes up to 240,000" in answer["error"], answer
 
 
+@pytest.mark.slow
 def test_a_large_accepted_request_runs_in_slices_and_memory_is_given_back(server):
     port, session, process = server
     (replica,) = _model_replicas(process.pid)
@@ -301,6 +302,7 @@ def test_a_replica_killed_under_load_gives_503s_and_no_gap(two_task_encoder, tmp
     assert max(gaps) < 2.0
 
 
+@pytest.mark.slow
 def test_direct_replicas_serve_without_the_ingress(two_task_encoder, tmp_path):
     """--direct: the model replicas take HTTP themselves (what bench/serve.py compares the ingress with)."""
     process, port = _serve(tmp_path / "serve.log", two_task_encoder, "--tasks-beside", "--direct")

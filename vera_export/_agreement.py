@@ -9,7 +9,7 @@ import numpy as np
 
 from vera_runtime import Contract, InputInfo, VeraSession
 
-MIXED_ROWS = "a task per row"
+PER_ROW = "a task per row"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,5 +90,5 @@ def compare_forms(reference: Path, converted: Path, *, batch: int = 4, sequence:
     ]
     if len(tasks) >= 2:
         rows = [tasks[i % len(tasks)] for i in range(batch)]
-        results.append(_agreement(MIXED_ROWS, new.run(feeds, tasks=rows), ref.run(feeds, tasks=rows)))
+        results.append(_agreement(PER_ROW, new.run(feeds, tasks=rows), ref.run(feeds, tasks=rows)))
     return tuple(results)

@@ -22,10 +22,10 @@ from torch.overrides import TorchFunctionMode
 
 from vera_runtime.files import atomic_path, file_problem
 
+from ._defaults import TRUST_FLAG
 from ._errors import UntrustedFileError, VeraExportError
 from ._graphfile import refuse_graph_as_model
 from ._layer import PROJECTION_ATTR, VeraConfig, VeraLinear, VeraProjection, apply_vera
-from ._options import TRUST_FLAG
 
 FORMAT = "vera-export-checkpoint"
 VERSION = 1

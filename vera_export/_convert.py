@@ -16,7 +16,7 @@ from pathlib import Path
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
 from vera_runtime.layout import task_files_beside
 
-from . import _options
+from . import _defaults
 from ._agreement import Agreement, compare_forms
 from ._errors import VeraExportError
 from ._graphfile import load_graph
@@ -76,9 +76,9 @@ def _transform(graph: Path, targets: tuple[str, ...]):
     from ._targets.web import to_web
 
     proto, contract = load_graph(graph)
-    if contract.weights != "float32" or not contract.task_defaults:
+    if contract.weight_dtype != "float32" or not contract.task_defaults:
         raise VeraExportError(
-            f"{graph} is a converted graph ({contract.weights} weights, task defaults"
+            f"{graph} is a converted graph ({contract.weight_dtype} weights, task defaults"
             f" {'kept' if contract.task_defaults else 'removed'}): convert the graph vera-export wrote instead."
         )
     load_external_data_for_model(proto, str(graph.parent))  # the one parse serves the contract and the weights
@@ -90,7 +90,7 @@ def _transform(graph: Path, targets: tuple[str, ...]):
     weights = {"int8": "int8", "fp16": "float16"}
     contract = dataclasses.replace(
         contract, task_defaults="web" not in targets, hot_template_sha256=None,  # no template for a converted form
-        weights=next((weights[t] for t in targets if t in weights), "float32"),
+        weight_dtype=next((weights[t] for t in targets if t in weights), "float32"),
     )
     metadata = {p.key: p.value for p in proto.metadata_props if not p.key.startswith("vera.")} | contract.to_metadata()
     del proto.metadata_props[:]
@@ -110,7 +110,7 @@ def _write(proto, path: Path, ort_out: Path | None) -> None:
     """Save ``proto`` at ``path`` (external data beside it when large), check it, then convert to .ort."""
     import onnx
 
-    big = proto.ByteSize() > _options.EXTERNAL_DATA_BYTES
+    big = proto.ByteSize() > _defaults.EXTERNAL_DATA_BYTES
     onnx.save(proto, str(path), save_as_external_data=big, location=f"{path.name}.data" if big else None)
     try:
         onnx.checker.check_model(str(path), full_check=True)

@@ -26,7 +26,8 @@ from vera_runtime import (
 from vera_runtime.files import template_digest
 from vera_runtime.layout import KEY_HOT_TEMPLATE, check_task_name, hot_template_path, task_file_paths
 
-from . import _options, _passes
+from . import _defaults, _passes
+from ._defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._digest import base_digest
 from ._discover import AdaptedModel, find_vera_layers
 from ._errors import VeraExportError
@@ -34,7 +35,6 @@ from ._graphfile import read_contract
 from ._inputs import InputSpec, parse_specs
 from ._kv_cache import CachedCausalLM, name_cache_dims
 from ._limits import dim_limits, input_highs
-from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from ._projection import RECIPE, make_projections
 from ._staging import Staging, check_writable, writing
 from ._trace import flatten_outputs, trace_to_onnx
@@ -118,21 +118,21 @@ def current_task(adapted: AdaptedModel, contract: Contract) -> Task:
     return Task(adapted.task_name, contract.fingerprint, tensors, contract.base_digest)
 
 
-def _build_graph(model, adapted, specs, examples, output_names, opset, contract, task, merged=False) -> ir.Model:
-    graph = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset, merged)
+def _build_ir_model(model, adapted, specs, examples, output_names, opset, contract, task, merged=False) -> ir.Model:
+    ir_model = trace_to_onnx(model, adapted, specs, list(examples.values()), output_names, opset, merged)
     if isinstance(model, CachedCausalLM):
-        name_cache_dims(graph)
-    _passes.fold_constants(graph)
-    _passes.strip_trace_metadata(graph)
-    _passes.name_projections(graph, adapted.vera_a.detach().cpu().numpy(), adapted.vera_b.detach().cpu().numpy())
-    _passes.store_weights_as_consumed(graph)
-    _passes.strip_prefix(graph, "model.")
+        name_cache_dims(ir_model)
+    _passes.fold_constants(ir_model)
+    _passes.strip_trace_metadata(ir_model)
+    _passes.name_projections(ir_model, adapted.vera_a.detach().cpu().numpy(), adapted.vera_b.detach().cpu().numpy())
+    _passes.store_weights_as_consumed(ir_model)
+    _passes.strip_prefix(ir_model, "model.")
     if merged:
-        _passes.inline_task(graph, task.tensors)
+        _passes.inline_task(ir_model, task.tensors)
     else:
-        _passes.add_task_defaults(graph, task.tensors)
-    _passes.set_metadata(graph, contract)
-    return graph
+        _passes.add_task_defaults(ir_model, task.tensors)
+    _passes.set_metadata(ir_model, contract)
+    return ir_model
 
 
 def _eager(model: nn.Module, examples: dict[str, torch.Tensor]):
@@ -140,23 +140,23 @@ def _eager(model: nn.Module, examples: dict[str, torch.Tensor]):
         return model(**examples)
 
 
-def _save(graph: ir.Model, folder: Path, name: str) -> None:
-    """Write ``graph`` as ``folder/name``, with ``name.data`` beside it when its weights need one."""
-    if graph.metadata_props.get(_passes.HOT_TEMPLATE_KEY):
-        return _save_hot_template(graph, folder, name)
-    nbytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
-    ir.save(graph, folder / name, external_data=f"{name}.data" if nbytes > _options.EXTERNAL_DATA_BYTES else None)
+def _save(ir_model: ir.Model, folder: Path, name: str) -> None:
+    """Write ``ir_model`` as ``folder/name``, with ``name.data`` beside it when its weights need one."""
+    if ir_model.metadata_props.get(_passes.HOT_TEMPLATE_KEY):
+        return _save_hot_template(ir_model, folder, name)
+    nbytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    ir.save(ir_model, folder / name, external_data=f"{name}.data" if nbytes > _defaults.EXTERNAL_DATA_BYTES else None)
 
 
-def _save_hot_template(graph: ir.Model, folder: Path, name: str) -> None:
+def _save_hot_template(ir_model: ir.Model, folder: Path, name: str) -> None:
     """The task tensors go to ``<name>.data``: ONNX Runtime replaces external initializers
     (SessionOptions.add_external_initializers) before it optimises, so a hot session folds the
     task's values into the weights. Values replaced with add_initializer come too late for that."""
     import onnx
     from onnx import external_data_helper
 
-    proto = ir.to_proto(graph)
-    task_names = set(json.loads(graph.metadata_props[_passes.HOT_TEMPLATE_KEY]))
+    proto = ir.to_proto(ir_model)
+    task_names = set(json.loads(ir_model.metadata_props[_passes.HOT_TEMPLATE_KEY]))
     for tensor in proto.graph.initializer:
         if tensor.name in task_names:
             external_data_helper.set_external_data(tensor, location=f"{name}.data")
@@ -188,26 +188,26 @@ def _require_pass(verification: Verification) -> Verification:
     raise VeraExportError(f"ONNX Runtime differs from PyTorch on '{worst.name}': {gap} {advice}")
 
 
-def _stage_all(graphs: dict[Path, ir.Model], task: Task, stage: Staging, check) -> tuple[Verification | None, str]:
-    """Write the graphs (in a scratch folder, where ``check`` runs the first one with its external
-    data) and the task's files, all under staged names: nothing is in place until ``stage.publish()``.
+def _stage_all(ir_models: dict[Path, ir.Model], task: Task, stage: Staging, check) -> tuple[Verification | None, str]:
+    """Write the graphs (``ir_models``, in a scratch folder where ``check`` runs the first one with its
+    external data) and the task's files, all under staged names: nothing is in place until ``stage.publish()``.
     The hot template, when there is one, is written first: the graph records its digest (returned).
 
-    ``graphs`` is emptied once they are written: their transposed weights are a copy of the model's,
+    ``ir_models`` is emptied once they are written: their transposed weights are a copy of the model's,
     and ONNX Runtime is about to load a third (a 2.8 GB Llama peaked at 3.2× its weights otherwise)."""
     scratch = stage.scratch()
-    main = next(iter(graphs))
+    main = next(iter(ir_models))
     hot_digest = ""
-    while graphs:
-        final, graph = graphs.popitem()  # the hot template (added last) comes first
+    while ir_models:
+        final, ir_model = ir_models.popitem()  # the hot template (added last) comes first
         if final != main:
-            _save(graph, scratch, final.name)
+            _save(ir_model, scratch, final.name)
             hot_digest = template_digest(scratch / final.name)
         else:
             if hot_digest:
-                graph.metadata_props[KEY_HOT_TEMPLATE] = hot_digest  # the only template sessions will use
-            _save(graph, scratch, final.name)
-        del graph
+                ir_model.metadata_props[KEY_HOT_TEMPLATE] = hot_digest  # the only template sessions will use
+            _save(ir_model, scratch, final.name)
+        del ir_model
     gc.collect()  # an IR graph is a web of cycles (nodes <-> values): only the collector frees it
     verification = check(scratch / main.name) if check else None
     for written in sorted(scratch.iterdir()):
@@ -252,6 +252,7 @@ def export(
     """
     start = time.perf_counter()
     out = Path(out)
+    # 1. Check what can be checked before the slow trace: the output, the inputs, the model's precision.
     check_writable(out, reads)
     if kv_cache:
         if inputs:
@@ -260,29 +261,32 @@ def export(
     specs = model_input_specs(model, inputs)
     _check_float32(model)
     model.eval()
+    # 2. Find the VeRA layers and heads; write the contract and the exported task.
     adapted = find_vera_layers(model, task_name)
     check_task_name(adapted.task_name)
     generator = torch.Generator().manual_seed(0)
     examples = {spec.name: spec.example(generator) for spec in specs}
     contract = _contract(adapted, model, base_digest(model), specs)
     task = current_task(adapted, contract)
+    # 3. Trace with torch.export, then run the graph passes (and the same for the hot template).
     progress(f"Tracing {len(adapted.layers)} VeRA layers (r={adapted.r}) with torch.export ...")
     output_names = list(flatten_outputs(_eager(model, examples)))
     build = (model, adapted, specs, examples, output_names, opset, contract, task)
-    graphs = {out: _build_graph(*build)}
+    ir_models = {out: _build_ir_model(*build)}
     hot = None
     if hot_template:
         progress("Tracing the hot template (merged weights) ...")
-        graphs[hot_template_path(out)] = _build_graph(*build, merged=True)
-        hot = ir.to_proto(graphs[hot_template_path(out)]).SerializeToString()  # its task values inline
+        ir_models[hot_template_path(out)] = _build_ir_model(*build, merged=True)
+        hot = ir.to_proto(ir_models[hot_template_path(out)]).SerializeToString()  # its task values inline
     task_path, adapter_path = task_file_paths(out, adapted.task_name)
 
     def check(path: Path) -> Verification:
         progress("Verifying ONNX Runtime against PyTorch ...")
         return _require_pass(verify_export(model, adapted, path, examples, tolerance, hot))
 
+    # 4. Stage every file, verify ONNX Runtime against PyTorch, then publish the set (or nothing).
     with writing(out, staging, replaces_set=True, inputs=tuple(map(Path, reads))) as stage:
-        verification, hot_digest = _stage_all(graphs, task, stage, check if verify else None)
+        verification, hot_digest = _stage_all(ir_models, task, stage, check if verify else None)
     contract = dataclasses.replace(contract, hot_template_sha256=hot_digest or None)
     return ExportResult(out, task_path, adapter_path, contract, verification, time.perf_counter() - start)
 

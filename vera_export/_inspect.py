@@ -50,7 +50,8 @@ class GraphReport:
             f"{self.path}  (graph contract v{c.version}, fingerprint {c.fingerprint[:12]})",
             f"  r={c.r}  projection seed={c.seed}  default task={c.default_task!r}",
             f"  recipe: {c.recipe}",
-            f"  form: {c.weights} weights; task inputs {'with defaults' if c.task_defaults else 'required (web form)'}",
+            f"  form: {c.weight_dtype} weights; task inputs"
+            f" {'with defaults' if c.task_defaults else 'required (web form)'}",
             f"  bytes: base weights {self.base_bytes:,}; vera_A + vera_B {self.projection_bytes:,};"
             f" default task {self.task_default_bytes:,}",
             "  model inputs:",

@@ -1,7 +1,7 @@
 """Trace a VeRA model into ONNX with every lambda as a named graph input of shape [T, n].
 
 The model's own VeRA layers (ours or PEFT's) are patched for the duration of the trace: each
-reads its lambdas from the wrapper's inputs instead of its parameters, and its A/B slices from
+reads its task tensors from the wrapper's inputs instead of its parameters, and its A/B slices from
 the wrapper's single ``vera_A`` / ``vera_B`` buffers, so the graph stores each projection once.
 """
 
@@ -81,20 +81,20 @@ class _Tracer(nn.Module):
         self.register_buffer("vera_B", adapted.vera_b)
         self.input_names = input_names
         self.output_names = output_names
-        self.lambdas: tuple[torch.Tensor, ...] = ()
+        self.task_tensors: tuple[torch.Tensor, ...] = ()
         self.merged = False  # True: trace the hot template, W + ΔW(λ) for one task (T = 1)
 
-    def run(self, inputs: tuple[torch.Tensor, ...], lambdas: tuple[torch.Tensor, ...]):
-        self.lambdas = lambdas
+    def run(self, inputs: tuple[torch.Tensor, ...], task_tensors: tuple[torch.Tensor, ...]):
+        self.task_tensors = task_tensors
         try:
             outputs = flatten_outputs(self.model(**dict(zip(self.input_names, inputs, strict=True))))
         finally:
-            self.lambdas = ()
+            self.task_tensors = ()
         return tuple(outputs[name] for name in self.output_names)
 
     def vera_forward(self, index: int, layer: AdaptedLayer):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            lambda_d, lambda_b = self.lambdas[2 * index], self.lambdas[2 * index + 1]
+            lambda_d, lambda_b = self.task_tensors[2 * index], self.task_tensors[2 * index + 1]
             vera_a = self.vera_A[:, : layer.in_features]
             vera_b = self.vera_B[: layer.out_features, :]
             if self.merged:  # once λ are constants, ONNX Runtime folds all of this into one weight
@@ -108,24 +108,24 @@ class _Tracer(nn.Module):
 
     def head_forward(self, start: int, head: AdaptedHead):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            bias = self.lambdas[start + 1] if head.linear.bias is not None else None
+            bias = self.task_tensors[start + 1] if head.linear.bias is not None else None
             if self.merged:
-                return F.linear(x, self.lambdas[start][0], None if bias is None else bias[0])
-            return _per_row_linear(x, self.lambdas[start], bias)
+                return F.linear(x, self.task_tensors[start][0], None if bias is None else bias[0])
+            return _per_row_linear(x, self.task_tensors[start], bias)
 
         return forward
 
 
-def _tracer_class(n_inputs: int, n_lambdas: int) -> type[_Tracer]:
+def _tracer_class(n_inputs: int, n_task_inputs: int) -> type[_Tracer]:
     """A _Tracer subclass whose forward has one named parameter per graph input.
 
     torch.export's dynamic shapes do not work through ``*args``, so the signature is generated.
     """
     inputs = [f"input_{i}" for i in range(n_inputs)]
-    lambdas = [f"lambda_{i}" for i in range(n_lambdas)]
+    task_inputs = [f"task_{i}" for i in range(n_task_inputs)]
     source = (
-        f"def forward(self, {', '.join(inputs + lambdas)}):\n"
-        f"    return self.run(({''.join(n + ', ' for n in inputs)}), ({''.join(n + ', ' for n in lambdas)}))\n"
+        f"def forward(self, {', '.join(inputs + task_inputs)}):\n"
+        f"    return self.run(({''.join(n + ', ' for n in inputs)}), ({''.join(n + ', ' for n in task_inputs)}))\n"
     )
     namespace: dict = {}
     exec(source, namespace)  # noqa: S102 - the source is built above from integers only
@@ -175,19 +175,19 @@ def trace_to_onnx(
         raise VeraExportError(f"the dimension name '{TASK_DIM}' is reserved for the task dimension of λ inputs.")
     generator = torch.Generator().manual_seed(0)
     task_inputs = adapted.task_params()
-    lambdas = [
+    task_examples = [
         torch.randn((1 if merged else _TASKS_EXAMPLE, *param.shape), generator=generator, dtype=param.dtype)
         for param in task_inputs.values()
     ]
     tasks = None if merged else torch.export.Dim(TASK_DIM, min=1)
-    shapes = dynamic_shapes(specs) + [{0: tasks} if tasks else {}] * len(lambdas)
-    tracer = _tracer_class(len(specs), len(lambdas))(model, adapted, [s.name for s in specs], output_names)
+    shapes = dynamic_shapes(specs) + [{0: tasks} if tasks else {}] * len(task_examples)
+    tracer = _tracer_class(len(specs), len(task_examples))(model, adapted, [s.name for s in specs], output_names)
     tracer.merged = merged
     failure = "torch.export could not trace the model"
     with _patched(_patches(tracer, adapted)), quiet_export(), _as_export_error(failure):
         program = torch.onnx.export(
             tracer.eval(),
-            tuple(examples + lambdas),
+            tuple(examples + task_examples),
             input_names=[s.name for s in specs] + list(task_inputs),
             output_names=output_names,
             opset_version=opset,

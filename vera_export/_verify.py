@@ -13,13 +13,11 @@ from torch import nn
 
 from vera_runtime.layout import LAMBDA_D
 
-from ._agreement import Check, compare_outputs
+from ._agreement import PER_ROW, Check, compare_outputs
 from ._discover import AdaptedModel
 from ._kv_cache import CachedCausalLM
 from ._trace import flatten_outputs
 from ._verify_cache import generation_check, mixed_generation_check
-
-MIXED_BATCH = "mixed batch (a task per row)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +36,7 @@ class Verification:
     @property
     def only_mixed_batches_fail(self) -> bool:
         """Every single-task check passes: the per-row routing, not the arithmetic, is wrong."""
-        return not self.passed and all(c.relative <= self.tolerance for c in self.checks if c.name != MIXED_BATCH)
+        return not self.passed and all(c.relative <= self.tolerance for c in self.checks if c.name != PER_ROW)
 
 
 def ort_session(path: str | Path | bytes):
@@ -52,8 +50,8 @@ def ort_session(path: str | Path | bytes):
 
 
 @contextlib.contextmanager
-def lambdas_set(adapted: AdaptedModel, values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily load other λ values into the model's own parameters."""
+def task_tensors_set(adapted: AdaptedModel, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily load other task tensors (λ and heads) into the model's own parameters."""
     params = adapted.task_params()
     saved = {name: param.detach().clone() for name, param in params.items()}
     with torch.no_grad():
@@ -99,7 +97,7 @@ def verify_export(
 
     exported = torch_outputs(model, examples)
     other = random_task(adapted)
-    with lambdas_set(adapted, other):
+    with task_tensors_set(adapted, other):
         randomised = torch_outputs(model, examples)
     checks = [
         compare_outputs("exported task (λ defaults)", run({}), exported),
@@ -111,7 +109,7 @@ def verify_export(
         rows = [(current, exported) if i % 2 == 0 else (other, randomised) for i in range(batch)]
         mixed = {k: np.stack([task[k].numpy() for task, _ in rows]) for k in other}
         expected = {k: np.stack([ref[k][i] for i, (_, ref) in enumerate(rows)]) for k in exported}
-        checks.append(compare_outputs(MIXED_BATCH, run(mixed), expected))
+        checks.append(compare_outputs(PER_ROW, run(mixed), expected))
     if isinstance(model, CachedCausalLM):
         checks += _generation_checks(model, adapted, session, other)
     if hot_template is not None:
@@ -125,9 +123,9 @@ def _generation_checks(model: CachedCausalLM, adapted: AdaptedModel, session, ot
     """Prefill and decode steps through the cache: the exported task, random λ, and one per row."""
     current = {name: param.detach().numpy()[None] for name, param in adapted.task_params().items()}
     fed = {name: value.numpy()[None] for name, value in other.items()}
-    with lambdas_set(adapted, other):
+    with task_tensors_set(adapted, other):
         randomised = generation_check("generation with random λ", model, session, fed)
-    rows = [(current, contextlib.nullcontext), (fed, lambda: lambdas_set(adapted, other))]
+    rows = [(current, contextlib.nullcontext), (fed, lambda: task_tensors_set(adapted, other))]
     return [
         generation_check("generation (exported task)", model, session, {}),
         randomised,

@@ -48,11 +48,11 @@ def _torch_run(model: CachedCausalLM):
     return run
 
 
-def _ort_run(session, lambdas: dict[str, np.ndarray]):
+def _ort_run(session, task_feeds: dict[str, np.ndarray]):
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {**feeds, **lambdas}), strict=True))
+        return dict(zip(names, session.run(names, {**feeds, **task_feeds}), strict=True))
 
     return run
 
@@ -61,16 +61,16 @@ def _flat(steps: list[dict]) -> dict[str, np.ndarray]:
     return {f"step {i} {name}": value for i, out in enumerate(steps) for name, value in out.items()}
 
 
-def generation_check(name: str, model: CachedCausalLM, session, lambdas: dict[str, np.ndarray]) -> Check:
-    """Prefill plus decode steps of ONNX Runtime (with ``lambdas`` fed) against the PyTorch model as
+def generation_check(name: str, model: CachedCausalLM, session, task_feeds: dict[str, np.ndarray]) -> Check:
+    """Prefill plus decode steps of ONNX Runtime (with ``task_feeds`` fed) against the PyTorch model as
     its parameters stand; both are fed PyTorch's greedy tokens."""
     expected, tokens = _steps(_torch_run(model), model, None)
-    got, _ = _steps(_ort_run(session, lambdas), model, tokens)
+    got, _ = _steps(_ort_run(session, task_feeds), model, tokens)
     return compare_outputs(name, _flat(got), _flat(expected))
 
 
 def mixed_generation_check(name: str, model: CachedCausalLM, session, rows: list) -> Check:
-    """A task per row: ``rows[i]`` is (λ as ``[1, n]`` arrays, a context manager that sets the same
+    """A task per row: ``rows[i]`` is (task feeds as ``[1, n]`` arrays, a context manager that sets the same
     task in the model). Rows are independent, so row i must equal row i of its own task's run."""
     references = []
     for _, use in rows:
@@ -78,7 +78,7 @@ def mixed_generation_check(name: str, model: CachedCausalLM, session, rows: list
             references.append(_steps(_torch_run(model), model, None))
     tokens = [np.concatenate([ref[1][step][i:i + 1] for i, ref in enumerate(references)])
               for step in range(_DECODE_STEPS + 1)]
-    mixed = {key: np.concatenate([lambdas[key] for lambdas, _ in rows]) for key in rows[0][0]}
+    mixed = {key: np.concatenate([task_feeds[key] for task_feeds, _ in rows]) for key in rows[0][0]}
     got, _ = _steps(_ort_run(session, mixed), model, tokens)
     expected = [{key: np.concatenate([ref[0][step][key][i:i + 1] for i, ref in enumerate(references)])
                  for key in got[step]} for step in range(len(got))]

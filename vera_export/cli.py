@@ -16,9 +16,9 @@ import click
 from vera_runtime import VeraError
 from vera_runtime.files import printable
 
+from ._defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE, TRUST_FLAG
 from ._errors import VeraExportError
 from ._graphfile import refuse_graph_as_model
-from ._options import DEFAULT_OPSET, DEFAULT_TOLERANCE, TRUST_FLAG
 
 _EXPECTED = (VeraError,)  # the exporter's errors derive from it too
 _TASK_NAME_HELP = "Name of the task (default: the checkpoint's task, or the PEFT adapter folder's name)."
@@ -102,7 +102,8 @@ def main() -> None:
 @click.option("--base", type=click.Path(file_okay=False),
               help="PEFT adapters: the transformers base model folder"
                    " (default: the adapter's base_model_name_or_path).")
-@click.option("--task", "more_tasks", multiple=True, metavar="NAME=ADAPTER_DIR",
+@click.option("--task", "legacy_adapters", multiple=True, hidden=True)  # the name before --adapter
+@click.option("--adapter", "more_adapters", multiple=True, metavar="NAME=ADAPTER_DIR",
               help="PEFT adapters: another adapter over the same base, written as task NAME. Repeatable.")
 @click.option("--model-class", help=_MODEL_CLASS_HELP)
 @click.option("--kv-cache", is_flag=True,
@@ -111,7 +112,7 @@ def main() -> None:
                    " tokenizer files.")
 @_errors_as_messages
 def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, hot_template, trust_pickle,
-                   base, more_tasks, model_class, kv_cache) -> None:
+                   base, legacy_adapters, more_adapters, model_class, kv_cache) -> None:
     """Export MODEL to one ONNX graph plus task files.
 
     MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
@@ -119,7 +120,8 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     """
     from ._staging import check_writable
 
-    reads = [p for p in (model_path, base, *(entry.partition("=")[2] for entry in more_tasks)) if p]
+    more_adapters = (*more_adapters, *legacy_adapters)
+    reads = [p for p in (model_path, base, *(entry.partition("=")[2] for entry in more_adapters)) if p]
     check_writable(Path(out), reads)  # before a model that may take minutes to load
     progress = _progress(time.perf_counter())
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
@@ -127,14 +129,14 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     if _is_adapter_folder(model_path):
         from ._peft import export_peft
 
-        adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_tasks)
+        adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_adapters)
         peft_result = export_peft(adapters, out, base=base, model_class=model_class, progress=progress,
                                   **{k: v for k, v in options.items() if v is not None})
         result = peft_result.export
         for note in peft_result.notes:
             click.echo(f"Note: {note}", err=True)
     else:
-        _refuse_peft_options(base=base, task=more_tasks, model_class=model_class)
+        _refuse_peft_options(base=base, adapter=more_adapters, model_class=model_class)
         refuse_graph_as_model(model_path)
         from ._checkpoint import load_model
         from ._export import export
@@ -188,17 +190,17 @@ def _task_name_of(folder: str) -> str:
 
 
 def _adapters(first_name: str, first: str, entries: tuple[str, ...]) -> dict[str, str]:
-    """The first adapter and every --task NAME=DIR, refusing a name given twice (one would be lost)."""
+    """The first adapter and every --adapter NAME=DIR, refusing a name given twice (one would be lost)."""
     adapters = {first_name: first}
     for entry in entries:
         name, _, folder = entry.partition("=")
         if not name or not folder:
-            raise click.BadParameter(f"{entry!r}: expected NAME=ADAPTER_DIR", param_hint="--task")
+            raise click.BadParameter(f"{entry!r}: expected NAME=ADAPTER_DIR", param_hint="--adapter")
         if name in adapters:
             raise click.BadParameter(
                 f"task name '{name}' is given twice ({adapters[name]} and {folder}): give each adapter its own name"
                 + (" (the first adapter's name comes from its folder, or --task-name)" if name == first_name else ""),
-                param_hint="--task",
+                param_hint="--adapter",
             )
         adapters[name] = folder
     return adapters

@@ -93,7 +93,7 @@ export function readContract(modelBytes, source = 'the graph') {
       inputHighs: jsonOr(metadata['vera.input_highs'], {}),
       dimLimits: jsonOr(metadata['vera.dim_limits'], {}),
       taskDefaults: (metadata['vera.task_defaults'] || 'graph') === 'graph',
-      weights: metadata['vera.weights'] || 'float32',
+      weightDtype: metadata['vera.weights'] || 'float32',
     };
     if (!Number.isInteger(contract.r) || !contract.fingerprint || !Array.isArray(contract.layers)) throw new Error('r, layers or fingerprint');
     contract.taskShapes = taskShapes(contract);

@@ -48,17 +48,17 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One checked request: its inputs, a task per row (None: the graph's defaults) and what it asked."""
+    """One checked request: its inputs, the task of each row and what it asked."""
 
     feeds: dict[str, np.ndarray]
-    rows: tuple[str | None, ...]
+    row_tasks: tuple[str | None, ...]  # the task of each row (None: the graph's default task)
     asked: object  # the "task" or "tasks" value, echoed in the response
     tokens_per_row: int = 1
 
     @property
     def key(self) -> tuple:
         """Requests with equal keys can be stacked into one batch."""
-        defaults = self.rows[0] is None
+        defaults = self.row_tasks[0] is None
         return defaults, tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(self.feeds.items()))
 
 
@@ -80,7 +80,7 @@ def parse_request(body, session: VeraSession, limits: Limits = Limits()) -> Requ
     if batch * per_row > limits.max_tokens:
         raise RequestError(413, f"the request has {batch} rows of {per_row} tokens, {batch * per_row:,} in all; this"
                                 f" server takes up to {limits.max_tokens:,} per request: send fewer rows per request.")
-    return Request(feeds, _rows(body, batch, session), body.get("tasks", body.get("task")), per_row)
+    return Request(feeds, _row_tasks(body, batch, session), body.get("tasks", body.get("task")), per_row)
 
 
 def _check_size(inputs: Mapping, infos: Mapping[str, InputInfo], limits: Limits) -> None:
@@ -100,7 +100,7 @@ def tokens_per_row(feeds: Mapping[str, np.ndarray], infos: Mapping[str, InputInf
     return max([1, *sizes])
 
 
-def _rows(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, ...]:
+def _row_tasks(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, ...]:
     task, tasks = body.get("task"), body.get("tasks")
     if task is not None and tasks is not None:
         raise RequestError(400, "give 'task' for the whole request or 'tasks' (one per row), not both.")
@@ -149,7 +149,7 @@ def _run_alone(request: Request, session: VeraSession, max_tokens: int):
 def _run_group(requests: list[Request], session: VeraSession, max_tokens: int) -> list[dict[str, np.ndarray]]:
     names = requests[0].feeds
     stacked = {name: np.concatenate([r.feeds[name] for r in requests]) for name in names}
-    rows = [row for r in requests for row in r.rows]
+    rows = [task for r in requests for task in r.row_tasks]
     step = max(1, max_tokens // requests[0].tokens_per_row)  # rows per run: memory stays within one budget
     parts = []
     for start in range(0, len(rows), step):
@@ -159,7 +159,7 @@ def _run_group(requests: list[Request], session: VeraSession, max_tokens: int) -
     outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     split, start = [], 0
     for request in requests:
-        count = len(request.rows)
+        count = len(request.row_tasks)
         split.append({name: value[start : start + count] for name, value in outputs.items()})
         start += count
     return split

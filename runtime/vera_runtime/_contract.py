@@ -93,7 +93,7 @@ class Contract:
     input_highs: dict[str, int] = dataclasses.field(default_factory=dict)  # token ids lie in [0, high)
     dim_limits: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. sequence <= learned positions
     task_defaults: bool = True  # task inputs have default initializers (False: the web form, all required)
-    weights: str = "float32"  # how the base weights are stored: float32, int8 (quantized) or float16
+    weight_dtype: str = "float32"  # how the base weights are stored: float32, int8 (quantized) or float16
     hot_template_sha256: str | None = None  # of <stem>.hot.onnx and its data: the only template a session builds
     version: str = CONTRACT_VERSION
 
@@ -114,7 +114,7 @@ class Contract:
         limits = {key: json.dumps(value, separators=(",", ":")) for key, value in
                   ((KEY_INPUT_HIGHS, self.input_highs), (KEY_DIM_LIMITS, self.dim_limits)) if value}
         form = ({} if self.task_defaults else {KEY_TASK_DEFAULTS: "none"}) | (
-            {} if self.weights == "float32" else {KEY_WEIGHTS: self.weights}) | (
+            {} if self.weight_dtype == "float32" else {KEY_WEIGHTS: self.weight_dtype}) | (
             {KEY_HOT_TEMPLATE: self.hot_template_sha256} if self.hot_template_sha256 else {})
         return (heads if self.heads else {}) | digest | limits | form | {
             KEY_VERSION: self.version,
@@ -163,7 +163,7 @@ class Contract:
             input_highs=checked.int_map(metadata, KEY_INPUT_HIGHS, 2**62),
             dim_limits=checked.int_map(metadata, KEY_DIM_LIMITS, 2**31),
             task_defaults=checked.choice(metadata, KEY_TASK_DEFAULTS, ("graph", "none")) == "graph",
-            weights=checked.choice(metadata, KEY_WEIGHTS, WEIGHT_TYPES),
+            weight_dtype=checked.choice(metadata, KEY_WEIGHTS, WEIGHT_TYPES),
             hot_template_sha256=checked.digest(metadata, KEY_HOT_TEMPLATE, required=False),
         )
 

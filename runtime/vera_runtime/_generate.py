@@ -139,13 +139,13 @@ def check_length(ids: np.ndarray, max_new_tokens, limit: int | None) -> None:
         )
 
 
-def cache_step(session, layout: CacheLayout, lambdas: dict, on_device: bool):
+def cache_step(session, layout: CacheLayout, task_feeds: dict, on_device: bool):
     """One forward with the cache: ``(feeds, past) -> (last position's logits, present by past name)``.
     ``on_device`` (CUDA): the cache stays on the GPU between steps (IOBinding); only logits come back."""
     names = ["logits", *layout.present]
 
     def on_cpu(feeds, past):
-        logits, *present = session.run(names, {**feeds, **past, **lambdas})
+        logits, *present = session.run(names, {**feeds, **past, **task_feeds})
         return logits[:, -1], dict(zip(layout.past, present, strict=True))
 
     def on_cuda(feeds, past):
@@ -156,7 +156,7 @@ def cache_step(session, layout: CacheLayout, lambdas: dict, on_device: bool):
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name, value in past.items():  # numpy only for the first step's empty cache
             (binding.bind_ortvalue_input if isinstance(value, ort.OrtValue) else binding.bind_cpu_input)(name, value)
-        for name, value in lambdas.items():
+        for name, value in task_feeds.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in layout.present:

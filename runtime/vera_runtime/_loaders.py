@@ -101,8 +101,8 @@ def _peft_config(config_path: Path, path: Path) -> dict:
 
 def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -> Task:
     own = _peft_fingerprint(path, tensors, contract)
-    lambdas = {name: array for name, array in tensors.items() if name not in _PEFT_PROJECTIONS}
-    return Task(path.parent.name, own, lambdas)
+    task_tensors = {name: array for name, array in tensors.items() if name not in _PEFT_PROJECTIONS}
+    return Task(path.parent.name, own, task_tensors)
 
 
 def load_any_task(path: str | Path, contract: Contract) -> Task:

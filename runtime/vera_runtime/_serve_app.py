@@ -101,7 +101,7 @@ class ModelReplica:
             return _error(422, f"output '{bad[0]}' holds NaN or Inf for these inputs, which JSON cannot carry"
                                " (e.g. a row whose attention_mask is all 0).")
         body = {"task": request.asked, "outputs": {name: value.tolist() for name, value in outputs.items()}}
-        if len(request.rows) * request.tokens_per_row > self.limits.run_tokens:  # a large request: once answered,
+        if len(request.row_tasks) * request.tokens_per_row > self.limits.run_tokens:  # a large request: once answered,
             asyncio.get_running_loop().call_later(0.5, _release_memory)  # its memory goes back to the OS
         return _reply(200, body, {"X-Vera-Batch": str(batch), "X-Vera-Node": self.node})
 

@@ -42,7 +42,7 @@ class TaskStore:
         self._graph_name = graph_name
         self._task_inputs = tuple(contract.task_shapes())
         self._tasks: dict[str, LoadedTask] = {}
-        self._rows: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
+        self._row_stacks: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -105,25 +105,25 @@ class TaskStore:
             return loaded.on_device if loaded.on_device is not None else loaded.feeds
 
     def _per_row(self, tasks: tuple[str, ...]) -> dict:
-        if self.device == "cuda" and tasks in self._rows:
-            self._rows.move_to_end(tasks)
-            return self._rows[tasks]
+        if self.device == "cuda" and tasks in self._row_stacks:
+            self._row_stacks.move_to_end(tasks)
+            return self._row_stacks[tasks]
         loaded = [self.get(name) for name in tasks]
         stacked = {key: np.concatenate([t.feeds[key] for t in loaded]) for key in self._task_inputs}
         if self.device != "cuda":
             return stacked
         # one host->device copy per new combination of rows, then reused
-        self._rows[tasks] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in stacked.items()}
-        if len(self._rows) > _ROW_CACHE:
-            self._rows.popitem(last=False)
-        return self._rows[tasks]
+        self._row_stacks[tasks] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in stacked.items()}
+        if len(self._row_stacks) > _ROW_CACHE:
+            self._row_stacks.popitem(last=False)
+        return self._row_stacks[tasks]
 
     def _forget_rows(self, name: str) -> None:
-        for key in [key for key in self._rows if name in key]:
-            del self._rows[key]
+        for key in [key for key in self._row_stacks if name in key]:
+            del self._row_stacks[key]
 
     def clear(self) -> None:
         """Drop every task and device copy (the session is closing)."""
         with self._lock:
             self._tasks.clear()
-            self._rows.clear()
+            self._row_stacks.clear()

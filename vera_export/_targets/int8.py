@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from vera_runtime import Contract
 
-from .. import _options
+from .. import _defaults
 from . import base_weights
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
@@ -36,7 +36,7 @@ def to_int8(proto: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
         if node.op_type in _WEIGHT_INPUT and node.domain in ("", "ai.onnx")
         and (weight := weights.get(node.input[_WEIGHT_INPUT[node.op_type]])) is not None and len(weight.dims) == 2
     ]
-    big = sum(t.ByteSize() for t in proto.graph.initializer) > _options.EXTERNAL_DATA_BYTES
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > _defaults.EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory() as folder, _quiet_root_logger():  # it logs a pre-processing hint
         out = Path(folder) / "int8.onnx"
         quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=chosen,
