@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -106,3 +107,21 @@ def minilm(tmp_path_factory):
     tasks = {name: minilm.HERE / name for name in minilm.TASKS}
     return export_peft(tasks, out, base=minilm.base_path()), minilm
 
+
+
+class BertFolders(NamedTuple):
+    root: Path
+    base: Path  # a transformers BertModel folder
+    first: Path  # a VeRA adapter over it (seed 1)
+    second: Path  # another (seed 2)
+
+
+@pytest.fixture(scope="module")
+def bert_folders(tmp_path_factory) -> BertFolders:
+    """A tiny BERT base folder and two VeRA adapter folders over it (PEFT save_pretrained)."""
+    from peft_folders import make_adapter, make_base
+
+    root = tmp_path_factory.mktemp("bert-folders")
+    base = make_base(root / "base", "bert-features")
+    return BertFolders(root, base, make_adapter(root / "first", base, "bert-features", seed=1),
+                       make_adapter(root / "second", base, "bert-features", seed=2))

@@ -84,7 +84,8 @@ def max_relative_diff(got: dict, want: dict) -> float:
 
 
 __all__ = [
-    "CustomNet", "Exported", "TOLERANCE", "as_feeds", "find_vera_layers", "inputs_for",
+    "CustomNet", "Exported", "TOLERANCE", "as_feeds", "assert_clean_failure", "export_leftovers", "find_vera_layers",
+    "inputs_for",
     "max_relative_diff", "random_task", "run", "session", "task_of", "torch_reference",
 ]
 
@@ -97,3 +98,23 @@ def export_two_task_encoder(path: Path) -> Path:
     export(vera_models.make_task(vera_models.build("tiny-encoder"), 1), path, task_name="first")
     add_task(vera_models.make_task(vera_models.build("tiny-encoder"), 2), path, "second")
     return path
+
+
+_WRITTEN = (".onnx", ".onnx.data", ".ort", ".onnx_adapter", ".task.safetensors", ".vera-tmp", ".vera-publish",
+            "genai_config.json")
+
+
+def export_leftovers(folder: Path) -> list[str]:
+    """Every file under ``folder`` that an export writes or stages (hidden staged files included)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(_WRITTEN))
+
+
+def assert_clean_failure(result, out_dir: Path, *fragments: str, exit_code: int | None = None) -> None:
+    """A CLI failure as promised: the exit code (any but 0 by default), exactly one 'Error:' line holding
+    every fragment, no traceback, and nothing an export writes or stages left in ``out_dir``."""
+    assert result.exit_code != 0 if exit_code is None else result.exit_code == exit_code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    missing = [fragment for fragment in fragments if fragment not in errors[0]]
+    assert not missing, f"{missing} not in {errors[0]}"
+    assert export_leftovers(out_dir) == [], f"left behind: {export_leftovers(out_dir)}"

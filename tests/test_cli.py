@@ -10,25 +10,13 @@ from click.testing import CliRunner
 from torch import nn
 
 import vera_models
-from helpers import CustomNet
+from helpers import CustomNet, assert_clean_failure, export_leftovers
 from vera_export import VeraConfig, VeraExportError, apply_vera, save_checkpoint
 from vera_export.cli import main
 
 
 def invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, out_dir, *fragments: str) -> None:
-    """Non-zero exit, exactly one 'Error:' line that names the problem, no traceback, no files."""
-    assert result.exit_code != 0, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in errors[0]
-    left = [p.name for p in out_dir.iterdir() if p.suffix in (".onnx", ".tmp", ".onnx_adapter", ".safetensors")]
-    assert left == []
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +215,16 @@ def test_reference_models_take_task_seed(tmp_path):
     args = [sys.executable, "-m", "vera_models", "tiny-encoder", "--out-dir", str(tmp_path), "--task-seed", "a=3"]
     subprocess.run(args, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.npz", "tiny-encoder.a.pt"]
+
+
+def test_the_clean_failure_check_sees_a_staged_file_left_behind(tmp_path):
+    """assert_clean_failure once looked for '.tmp' while staging writes '.vera-tmp': it could not fail."""
+
+    class Failed:
+        exit_code, stderr, output = 1, "Error: it failed\n", "Error: it failed\n"
+
+    assert_clean_failure(Failed(), tmp_path, "it failed")
+    (tmp_path / ".m.onnx.123.abcdef12.vera-tmp").write_bytes(b"half a graph")
+    assert export_leftovers(tmp_path) == [".m.onnx.123.abcdef12.vera-tmp"]
+    with pytest.raises(AssertionError, match="left behind"):
+        assert_clean_failure(Failed(), tmp_path, "it failed")

@@ -86,6 +86,7 @@ def test_every_form_keeps_tasks_switching_and_follows_float32(encoder, tmp_path,
     assert contract.weight_dtype == {"int8": "int8", "fp16": "float16"}.get(target.split(",")[0], "float32")
 
 
+@pytest.mark.slow
 def test_int8_quantizes_every_base_matmul_and_keeps_a_b_and_tasks_float32(minilm, tmp_path):
     result, module = minilm
     source = _graph(result.export.onnx_path)

@@ -1,7 +1,12 @@
-"""Fuzzed task files, .onnx_adapter files, PEFT adapter files and adapter_config.json: each load
-either succeeds or raises TaskFileError, and the tasks already loaded keep giving the same outputs."""
+"""Fuzzed task files, .onnx_adapter files, PEFT adapter files and adapter_config.json: each load raises
+TaskFileError or loads what the file held before the damage (native files by their digest, adapters by the
+native file beside them); PEFT files, which have no digest, load finite values of the right shapes at
+worst. The tasks already loaded keep giving the same outputs."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -33,8 +38,17 @@ def _damaged(draw, data: bytes) -> bytes:
     return bytes(data)
 
 
+class Fuzzed(NamedTuple):
+    session: VeraSession
+    feeds: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]  # the outputs of the task every file below holds
+    sources: dict[str, bytes]  # a valid file of each kind, to damage
+    folder: Path
+    native: Path  # the native task file, put beside a damaged adapter
+
+
 @pytest.fixture(scope="module")
-def files(bert, tmp_path_factory):
+def files(bert, tmp_path_factory) -> Fuzzed:
     """A session with one task loaded, its reference output, and valid files of every kind to damage."""
     folder = tmp_path_factory.mktemp("fuzz")
     bert.model.save_pretrained(folder / "peft")
@@ -47,17 +61,17 @@ def files(bert, tmp_path_factory):
         "peft": (folder / "peft" / "adapter_model.safetensors").read_bytes(),
         "config": (folder / "peft" / "adapter_config.json").read_bytes(),
     }
-    return session, feeds, session.run(feeds, task="kept"), sources, folder
+    return Fuzzed(session, feeds, session.run(feeds, task="kept"), sources, folder, bert.result.task_path)
 
 
-def _load_damaged(files, kind: str, damaged: bytes, tmp_path) -> None:
-    session, feeds, reference, sources, _ = files
+def _load_damaged(files: Fuzzed, kind: str, damaged: bytes, tmp_path) -> None:
+    session = files.session
     folder = tmp_path / "case"
     folder.mkdir(exist_ok=True)
     if kind == "config":  # a PEFT file without A/B reads its seed and r from the config beside it
         from safetensors.numpy import load_file, save_file
 
-        tensors = {k: v for k, v in load_file(files[4] / "peft" / "adapter_model.safetensors").items()
+        tensors = {k: v for k, v in load_file(files.folder / "peft" / "adapter_model.safetensors").items()
                    if not k.endswith(("vera_A", "vera_B"))}
         save_file(tensors, folder / "adapter_model.safetensors")
         (folder / "adapter_config.json").write_bytes(damaged)
@@ -66,14 +80,23 @@ def _load_damaged(files, kind: str, damaged: bytes, tmp_path) -> None:
         path = folder / {"native": "t.task.safetensors", "adapter": "t.onnx_adapter",
                          "peft": "adapter_model.safetensors"}[kind]
         path.write_bytes(damaged)
+        if kind == "adapter":  # as exported: the native task file of the same name beside it
+            (folder / "t.task.safetensors").write_bytes(files.native.read_bytes())
     try:
         session.load_task("fuzzed", path)
-        session.unload_task("fuzzed")
     except TaskFileError:
         pass
+    else:
+        got = session.run(files.feeds, task="fuzzed")
+        session.unload_task("fuzzed")
+        if kind in ("native", "adapter"):  # a digest guards them: what loads is what was written
+            for key, value in got.items():
+                np.testing.assert_array_equal(value, files.reference[key], err_msg=f"a damaged {kind} file loaded")
+        else:  # PEFT files have no digest: a changed λ byte loads, but never NaN, Inf or a wrong shape
+            assert all(np.isfinite(value).all() for value in got.values())
     assert session.tasks == ("kept",)
-    for key, value in session.run(feeds, task="kept").items():
-        np.testing.assert_array_equal(value, reference[key])
+    for key, value in session.run(files.feeds, task="kept").items():
+        np.testing.assert_array_equal(value, files.reference[key])
 
 
 @pytest.mark.parametrize("kind", ["native", "adapter", "peft", "config"])
@@ -81,6 +104,6 @@ def test_damaged_files_raise_task_file_error_and_change_nothing(files, kind, tmp
     @_SETTINGS
     @given(st.data())
     def check(data):
-        _load_damaged(files, kind, data.draw(_damaged(files[3][kind])), tmp_path)
+        _load_damaged(files, kind, data.draw(_damaged(files.sources[kind])), tmp_path)
 
     check()

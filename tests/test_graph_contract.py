@@ -186,3 +186,20 @@ def test_small_and_large_one_task_batches_match_pytorch(exported):
         feeds = inputs_for(exported, batch=batch, seq=seq, seed=batch)
         got = run(sess, {k: v.numpy() for k, v in feeds.items()} | as_feeds(other))
         assert max_relative_diff(got, torch_reference(exported, feeds, other)) <= TOLERANCE
+
+
+def test_export_plain_writes_a_model_without_vera_as_vera_export_does(tmp_path):
+    """The reference graphs of the benchmarks: the base model (or a merged one) through the same pipeline."""
+    import vera_models
+    from vera_export import export_plain
+
+    base = vera_models.build_base("tiny-encoder")
+    inputs = vera_models.example_input(base)
+    specs = ["input_ids:int64<8192:batch=2,sequence=8", "attention_mask:int64<2:batch=2,sequence=8"]
+    path = export_plain(base, tmp_path / "base.onnx", specs)
+    got = run(session(path), inputs)
+    with torch.no_grad():
+        want = base(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value.numpy(), rtol=0, atol=1e-5)
+    assert not any("vera" in i.name for i in onnx.load(str(path)).graph.input)

@@ -102,7 +102,7 @@ def _start(model: Path, out: Path, pause: str) -> subprocess.Popen:
 @pytest.mark.parametrize(("point", "sig", "expect"), [
     pytest.param("verify", signal.SIGKILL, "old", marks=pytest.mark.slow),  # staged files stay behind, hidden
     pytest.param("verify", signal.SIGTERM, "old", marks=pytest.mark.slow),  # everything staged is removed at once
-    ("publish:60", signal.SIGKILL, "new"),  # killed between renames: the journal finishes the set
+    pytest.param("publish:60", signal.SIGKILL, "new", marks=pytest.mark.slow),  # the journal finishes the set
     pytest.param("publish:2", signal.SIGTERM, "new", marks=pytest.mark.slow),  # SIGTERM waits for the renames
 ])
 def test_a_killed_export_leaves_the_old_set_or_the_new_one(sets, tmp_path, point, sig, expect):
@@ -260,6 +260,7 @@ def test_task_names_are_letters_digits_dash_underscore(name):
         check_task_name(name)
 
 
+@pytest.mark.slow
 def test_tasks_are_not_replaced_by_accident_and_reexports_replace_the_whole_set(sets, tmp_path):
     old, _, model = sets
     for path in old.iterdir():
@@ -283,8 +284,8 @@ def test_tasks_are_not_replaced_by_accident_and_reexports_replace_the_whole_set(
     assert result.exit_code == 0, result.output  # the README's commands run again as they did the first time
 
 
-def test_duplicate_task_names_in_one_command_are_refused(bert_folders_for_names, tmp_path):
-    base, first, second = bert_folders_for_names
+def test_duplicate_task_names_in_one_command_are_refused(bert_folders, tmp_path):
+    base, first, second = bert_folders.base, bert_folders.first, bert_folders.second
     for extra in ([f"first={second}"], [f"a1={first}", f"a1={second}"]):
         args = [str(first), "--base", str(base), *[a for e in extra for a in ("--adapter", e)], "--out",
                 str(tmp_path / "m.onnx")]
@@ -293,19 +294,10 @@ def test_duplicate_task_names_in_one_command_are_refused(bert_folders_for_names,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def bert_folders_for_names(tmp_path_factory):
-    from peft_folders import make_adapter, make_base
-
-    root = tmp_path_factory.mktemp("names")
-    base = make_base(root / "base", "bert-features")
-    return base, make_adapter(root / "first", base, "bert-features", 1), make_adapter(root / "second", base,
-                                                                                      "bert-features", 2)
-
-
 # -- a task over other base weights ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_task_trained_over_other_base_weights_is_refused(sets, tmp_path):
     """Same layout, other base weights (as cased vs uncased BERT): the task would give garbage."""
     from vera_runtime import TaskFileError
@@ -350,10 +342,10 @@ def test_bad_model_paths_give_one_line_that_names_the_problem(tmp_path):
     assert result.exit_code == 1 and "directory" in result.stderr and "does not exist" in result.stderr
 
 
-def test_bad_adapter_configs_give_one_line(bert_folders_for_names, tmp_path):
+def test_bad_adapter_configs_give_one_line(bert_folders, tmp_path):
     import shutil
 
-    base, first, _ = bert_folders_for_names
+    base, first = bert_folders.base, bert_folders.first
     broken = tmp_path / "broken"
     shutil.copytree(first, broken)
     for text, message in ((b"", "is not valid JSON"), (b'{"peft_type": "VERA"', "is not valid JSON"),
@@ -389,8 +381,8 @@ def test_a_full_disk_names_the_file_and_leaves_nothing(sets, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_blocked_task_path_in_a_multi_task_export_writes_nothing(bert_folders_for_names, tmp_path):
-    base, first, second = bert_folders_for_names
+def test_a_blocked_task_path_in_a_multi_task_export_writes_nothing(bert_folders, tmp_path):
+    base, first, second = bert_folders.base, bert_folders.first, bert_folders.second
     (tmp_path / "m.second.task.safetensors").mkdir()  # in the way of the second task's file
     result = CliRunner().invoke(main, [str(first), "--base", str(base), "--adapter", f"second={second}", "--out",
                                        str(tmp_path / "m.onnx"), "--no-verify"])

@@ -46,8 +46,10 @@ def export_plain(model: nn.Module, out: str | os.PathLike, inputs: Sequence[str 
     generator = torch.Generator().manual_seed(0)
     examples = tuple(spec.example(generator) for spec in specs)
     names = [spec.name for spec in specs]
+    with torch.no_grad():  # outputs named as vera-export names them: by key, "output", or "output_<i>"
+        outputs = list(flatten_outputs(model(**dict(zip(names, examples, strict=True)))))
     with quiet_export():
-        program = torch.onnx.export(_positional(model, names), examples, input_names=names,
+        program = torch.onnx.export(_positional(model, names), examples, input_names=names, output_names=outputs,
                                     dynamic_shapes=dynamic_shapes(specs), dynamo=True, verbose=False, optimize=False)
     _passes.fold_constants(program.model)
     _passes.strip_trace_metadata(program.model)
