@@ -228,3 +228,16 @@ def test_the_clean_failure_check_sees_a_staged_file_left_behind(tmp_path):
     assert export_leftovers(tmp_path) == [".m.onnx.123.abcdef12.vera-tmp"]
     with pytest.raises(AssertionError, match="left behind"):
         assert_clean_failure(Failed(), tmp_path, "it failed")
+
+
+def test_verbose_shows_the_third_party_cause_of_an_error(tmp_path):
+    """Errors that wrap another library's raise `from` it: --verbose shows both."""
+    import subprocess
+    import sys
+
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07 not really a graph")
+    args = [sys.executable, "-m", "vera_export.cli", "inspect", str(tmp_path / "m.onnx")]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 1 and "is not a readable ONNX file" in quiet.stderr and "Traceback" not in quiet.stderr
+    loud = subprocess.run([*args, "--verbose"], capture_output=True, text=True, timeout=120)
+    assert "direct cause of the following exception" in loud.stderr and "VeraExportError" in loud.stderr, loud.stderr
