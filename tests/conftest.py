@@ -125,3 +125,13 @@ def bert_folders(tmp_path_factory) -> BertFolders:
     base = make_base(root / "base", "bert-features")
     return BertFolders(root, base, make_adapter(root / "first", base, "bert-features", seed=1),
                        make_adapter(root / "second", base, "bert-features", seed=2))
+
+
+@pytest.fixture
+def encoder_inputs(tmp_path) -> Path:
+    """An example input of the tiny encoder, as vera-run reads it (``x.npz``)."""
+    import numpy as np
+
+    path = tmp_path / "x.npz"
+    np.savez(path, **vera_models.example_input(vera_models.build("tiny-encoder")))
+    return path

@@ -40,10 +40,8 @@ def test_an_onnx_file_given_as_the_model_is_named_at_once_without_torch(two_task
     assert "is an ONNX graph, not a PyTorch model" in child.stderr and "vera-export inspect" in child.stderr
 
 
-def test_an_unknown_task_on_the_command_line_says_how_to_load_one(two_task_encoder, tmp_path, capsys):
-    inputs = tmp_path / "x.npz"
-    np.savez(inputs, **vera_models.example_input(vera_models.build("tiny-encoder")))
-    assert run_main(["run", str(two_task_encoder), "--input", str(inputs), "--task", "nosuch"]) == 1
+def test_an_unknown_task_on_the_command_line_says_how_to_load_one(two_task_encoder, encoder_inputs, capsys):
+    assert run_main(["run", str(two_task_encoder), "--input", str(encoder_inputs), "--task", "nosuch"]) == 1
     err = capsys.readouterr().err
     assert "--load nosuch=PATH" in err and "load_task()" not in err, err
 

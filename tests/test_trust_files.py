@@ -277,11 +277,8 @@ def test_an_export_never_replaces_its_own_input(checkpoint, tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["same path", "symbolic link", "hard link"])
-def test_vera_run_never_replaces_its_input(two_task_encoder, tmp_path, capsys, how):
-    import vera_models
-
-    inputs = tmp_path / "x.npz"
-    np.savez(inputs, **vera_models.example_input(vera_models.build("tiny-encoder")))
+def test_vera_run_never_replaces_its_input(two_task_encoder, encoder_inputs, tmp_path, capsys, how):
+    inputs = encoder_inputs
     out = {"same path": inputs, "symbolic link": tmp_path / "l.npz", "hard link": tmp_path / "h.npz"}[how]
     if how == "symbolic link":
         out.symlink_to(inputs)
@@ -458,11 +455,7 @@ def test_feeds_in_another_byte_order_or_masked_are_named(two_task_encoder):
             session.run({"input_ids": ids, "attention_mask": ids * mask})
 
 
-def test_an_output_that_cannot_be_written_is_named(two_task_encoder, tmp_path, capsys):
-    import vera_models
-
-    inputs = tmp_path / "x.npz"
-    np.savez(inputs, **vera_models.example_input(vera_models.build("tiny-encoder")))
-    assert run_main(["run", str(two_task_encoder), "--input", str(inputs), "--out", "/proc/x.npz"]) == 1
+def test_an_output_that_cannot_be_written_is_named(two_task_encoder, encoder_inputs, capsys):
+    assert run_main(["run", str(two_task_encoder), "--input", str(encoder_inputs), "--out", "/proc/x.npz"]) == 1
     err = capsys.readouterr().err
     assert "cannot use /proc/x.npz" in err and "unexpected" not in err, err
