@@ -1,4 +1,4 @@
-"""``vera-export convert``: int8, fp16, web and ORT-format graphs keep the contract and the task files,
+"""``vera-export convert``: int8, int4, fp16, web and ORT-format graphs keep the contract and the task files,
 follow the float32 graph, and pass onnx.checker; the export itself is quantization-ready."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_exported_weights_are_stored_as_matmul_reads_them(decoder, encoder):
     assert len(tables) == 1  # the tied embedding / lm_head weight: stored once, in the embedding's layout
 
 
-@pytest.mark.parametrize("target", ["int8", "fp16", "web", "ort", "int8,web"])
+@pytest.mark.parametrize("target", ["int8", "int4", "fp16", "web", "ort", "int8,web", "int4,web"])
 def test_every_form_keeps_tasks_switching_and_follows_float32(encoder, tmp_path, target):
     out = tmp_path / f"encoder.{target.replace(',', '_')}.{'ort' if target == 'ort' else 'onnx'}"
     result = convert(encoder, out, target)
@@ -74,8 +74,9 @@ def test_every_form_keeps_tasks_switching_and_follows_float32(encoder, tmp_path,
     feeds = vera_models.example_input(vera_models.build("tiny-encoder"), batch=4, seq=8)
     got = {t: _outputs(out, feeds, t) for t in ("first", "second")}
     want = {t: _outputs(encoder, feeds, t) for t in ("first", "second")}
-    assert np.abs(got["first"] - got["second"]).max() > 10 * np.abs(got["first"] - want["first"]).max()
-    loose = {"int8": 0.25, "fp16": 2e-2}.get(target.split(",")[0], 1e-4)
+    margin = 5 if target.startswith("int4") else 10  # 4-bit random tiny weights: an error ~9x under the tasks' gap
+    assert np.abs(got["first"] - got["second"]).max() > margin * np.abs(got["first"] - want["first"]).max()
+    loose = {"int8": 0.25, "int4": 0.5, "fp16": 2e-2}.get(target.split(",")[0], 1e-4)
     for task in got:
         assert np.abs(got[task] - want[task]).max() <= loose * np.abs(want[task]).max()
     if out.suffix == ".onnx":
@@ -83,7 +84,8 @@ def test_every_form_keeps_tasks_switching_and_follows_float32(encoder, tmp_path,
     contract = VeraSession(out, "cpu").contract
     assert contract.fingerprint == VeraSession(encoder, "cpu").contract.fingerprint
     assert contract.task_defaults == ("web" not in target)
-    assert contract.weight_dtype == {"int8": "int8", "fp16": "float16"}.get(target.split(",")[0], "float32")
+    assert contract.weight_dtype == {"int8": "int8", "int4": "int4", "fp16": "float16"}.get(target.split(",")[0],
+                                                                                            "float32")
 
 
 @pytest.mark.slow
@@ -152,6 +154,7 @@ def test_a_web_graph_needs_its_task_files(encoder, tmp_path):
 @pytest.mark.parametrize(("to", "out", "words"), [
     ("int16", "e.int16.onnx", "unknown target"),
     ("int8,fp16", "e.onnx", "choose one"),
+    ("int8,int4", "e.onnx", "choose one"),
     ("ort", "e.onnx", "*.ort"),
     ("web", "encoder.ort", "*.onnx"),
 ])
@@ -185,3 +188,25 @@ def test_cli_prints_the_agreement_per_task(encoder, tmp_path):
     assert "first: max |diff|" in done.output and "argmax agrees on" in done.output and out.is_file()
     done = CliRunner().invoke(main, ["convert", str(encoder), "--to", "bf16", "--out", str(tmp_path / "x.onnx")])
     assert done.exit_code == 1 and "unknown target" in done.output
+
+
+def test_int4_turns_every_base_matmul_into_matmulnbits_and_keeps_a_b_and_tasks_float32(encoder, tmp_path):
+    out = tmp_path / "encoder.int4.onnx"
+    convert(encoder, out, "int4", block_size=64)
+    source, proto = _graph(encoder), _graph(out)
+    assert _base_matmul_weights(proto) == {"float32": 1, "other": 0}  # the classifier, over 3 labels
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == _base_matmul_weights(source)["float32"] - 1
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 64 and {a.name: a.i for a in n.attribute}["bits"]
+               == 4 for n in nbits)
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits["vera_A"].data_type == inits["vera_B"].data_type == onnx.TensorProto.FLOAT
+    session = VeraSession(out, "cpu")
+    assert all(inits[name].data_type == onnx.TensorProto.FLOAT for name in session.contract.task_shapes())
+    session.load_tasks_beside()
+    feeds = vera_models.example_input(vera_models.build("tiny-encoder"), batch=4, seq=8)
+    mixed = session.run(feeds, tasks=["first", "second", "second", "first"])["logits"]
+    for row, task in enumerate(["first", "second", "second", "first"]):  # rows do not change each other
+        np.testing.assert_allclose(mixed[row], session.run(feeds, task=task)["logits"][row], rtol=0, atol=1e-6)
+    with pytest.raises(VeraExportError, match="block size 48 is not one of"):
+        convert(encoder, tmp_path / "e.int4b.onnx", "int4", block_size=48)

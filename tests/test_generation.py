@@ -240,6 +240,41 @@ def test_converted_kv_graphs_still_generate_per_task(llama, target, tmp_path):
                                                          eos_token_id=[])[1])
 
 
+def test_the_int4_graph_generates_each_rows_task_and_genai_runs_it_with_our_adapters(llama, tmp_path):
+    """int4 in a folder of its own: genai_config.json (naming the int4 graph) and the tokenizer come along;
+    a task per row generates what each row's task generates alone; onnxruntime-genai, given each task's
+    .onnx_adapter, generates what VeraSession does on the same graph."""
+    from vera_export import convert
+
+    out = tmp_path / "int4" / "model.int4.onnx"
+    out.parent.mkdir()
+    result = convert(llama.graph, out, "int4")
+    assert result.contract.weight_dtype == "int4"
+    assert json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]["filename"] == out.name
+    assert (out.parent / "tokenizer.json").is_file()
+    session = VeraSession(out, device="cpu")
+    session.load_tasks_beside()
+    ids, mask = _prompts()
+    rows = ["alpha", "beta", "beta"]
+    mixed = session.generate(ids, mask, tasks=rows, max_new_tokens=NEW, eos_token_id=[])
+    for row, task in enumerate(rows):
+        alone = session.generate(ids, mask, task=task, max_new_tokens=NEW, eos_token_id=[])
+        np.testing.assert_array_equal(mixed[row], alone[row])
+    prompt = [5, 17, 300, 42]
+    adapters = {t: str(out.with_name(f"model.int4.{t}.onnx_adapter")) for t in TASKS}
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
+    script = Path(__file__).parent / "genai" / "generate.py"
+    done = subprocess.run([str(_genai_python()), str(script), str(out.parent), str(request)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    for task in TASKS:
+        ours = session.generate(np.array([prompt]), task=task, max_new_tokens=NEW, eos_token_id=[])
+        assert got[task] == ours[0].tolist(), task
+    assert got[TASKS[0]] != got[TASKS[1]]
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda s, i, m: s.generate(i, np.flip(m, 1), task="alpha"), "padded on the right"),
     (lambda s, i, m: s.generate(i, m, task="alpha", max_new_tokens=100), "exceeds the model's 64 positions"),

@@ -8,24 +8,29 @@ the float32 graph, task by task, before anything is put in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
-from vera_runtime.layout import task_files_beside
+from vera_runtime.files import loads_bounded
+from vera_runtime.layout import COMPANION_FILES, GENAI_CONFIG, task_files_beside
 
 from . import _defaults
 from ._agreement import Agreement, compare_forms
 from ._errors import VeraExportError
 from ._graphfile import load_graph
 from ._staging import check_writable, writing
+from ._targets.int4 import BLOCK_SIZES
 
-TARGETS = ("int8", "fp16", "web", "ort")
+TARGETS = ("int8", "int4", "fp16", "web", "ort")
+WEIGHT_FORMS = ("int8", "int4", "fp16")  # ways to store the base weights: one at a time
 # Largest |converted - float32| accepted, relative to the outputs' scale: web and ort run the same
 # arithmetic; fp16 rounds every weight to 11 bits; int8 to 8 bits per weight, with activations too.
-DEFAULT_TOLERANCES = {"web": 1e-5, "ort": 1e-4, "fp16": 2e-2, "int8": 0.25}
+DEFAULT_TOLERANCES = {"web": 1e-5, "ort": 1e-4, "fp16": 2e-2, "int8": 0.25, "int4": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +49,9 @@ def parse_targets(to: str | Sequence[str]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
         raise VeraExportError(f"unknown target {unknown or names!r}: choose from {', '.join(TARGETS)} (e.g. int8,web).")
-    if {"int8", "fp16"} <= set(names):
-        raise VeraExportError("int8 and fp16 are two ways to store the weights: choose one.")
+    forms = [n for n in WEIGHT_FORMS if n in names]
+    if len(forms) > 1:
+        raise VeraExportError(f"{' and '.join(forms)} are ways to store the same weights: choose one.")
     return tuple(t for t in TARGETS if t in names)
 
 
@@ -67,11 +73,12 @@ def _sources(graph: Path) -> list[Path]:
     return [graph, Path(f"{graph}.data"), *tasks]
 
 
-def _transform(graph: Path, targets: tuple[str, ...]):
+def _transform(graph: Path, targets: tuple[str, ...], block_size: int):
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
     from ._targets.fp16 import to_fp16
+    from ._targets.int4 import to_int4
     from ._targets.int8 import to_int8
     from ._targets.web import to_web
 
@@ -82,12 +89,13 @@ def _transform(graph: Path, targets: tuple[str, ...]):
             f" {'kept' if contract.task_defaults else 'removed'}): convert the graph vera-export wrote instead."
         )
     load_external_data_for_model(proto, str(graph.parent))  # the one parse serves the contract and the weights
-    steps = {"int8": to_int8, "fp16": to_fp16, "web": to_web}
+    steps = {"int8": to_int8, "int4": functools.partial(to_int4, block_size=block_size), "fp16": to_fp16,
+             "web": to_web}
     for target in targets:
         if target in steps:
             proto = steps[target](proto, contract)
     proto = _topologically_sorted(proto)  # the fp16 and int8 tools leave nodes out of order
-    weights = {"int8": "int8", "fp16": "float16"}
+    weights = {"int8": "int8", "int4": "int4", "fp16": "float16"}
     contract = dataclasses.replace(
         contract, task_defaults="web" not in targets, hot_template_sha256=None,  # no template for a converted form
         weight_dtype=next((weights[t] for t in targets if t in weights), "float32"),
@@ -125,6 +133,25 @@ def _write(proto, path: Path, ort_out: Path | None) -> None:
             written.unlink(missing_ok=True)
 
 
+def _copy_genai_files(graph: Path, out: Path, folder: Path) -> None:
+    """A KV-cache graph's genai_config.json and tokenizer files, into ``folder``, when the converted graph
+    goes to another folder (onnxruntime-genai runs one model per folder): its ``filename`` names ``out``.
+    In the source's own folder the converted form shares them, and genai keeps running the source."""
+    config = graph.with_name(GENAI_CONFIG)
+    if out.resolve().parent == graph.resolve().parent or not config.is_file():
+        return
+    try:
+        settings = loads_bounded(config.read_bytes())
+        settings["model"]["decoder"]["filename"] = out.name
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VeraExportError(f"{config} is not a genai_config.json this graph's export wrote ({exc!r:.120}):"
+                              " export the graph again.") from exc
+    (folder / GENAI_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    for name in COMPANION_FILES:
+        if name != GENAI_CONFIG and graph.with_name(name).is_file():
+            shutil.copyfile(graph.with_name(name), folder / name)
+
+
 def _copy_task_files(graph: Path, out: Path, folder: Path) -> list[Path]:
     """The source graph's task files, renamed for ``out``'s stem, into ``folder``; their final paths."""
     stem = out.with_suffix("").name
@@ -143,15 +170,19 @@ def convert(
     to: str | Sequence[str],
     *,
     tolerance: float | None = None,
+    block_size: int = 32,
     progress: Callable[[str], None] = lambda message: None,
 ) -> ConvertResult:
-    """Write ``graph`` (as vera-export wrote it) in the form of targets ``to`` (int8 or fp16, web,
+    """Write ``graph`` (as vera-export wrote it) in the form of targets ``to`` (int8, int4 or fp16, web,
     ort) at ``out``, with a copy of its task files, after checking every task against ``graph``.
 
     ``tolerance``: the largest |converted - float32| accepted, relative to the outputs' scale (default:
     the loosest of the targets' ``DEFAULT_TOLERANCES``). Nothing is written when a task exceeds it.
+    ``block_size`` (int4): weights per scale, a power of two from 16 to 256.
     """
     graph, out, targets = Path(graph), Path(out), parse_targets(to)
+    if block_size not in BLOCK_SIZES:
+        raise VeraExportError(f"block size {block_size} is not one of {BLOCK_SIZES} (MatMulNBits takes powers of two).")
     _check_out(graph, out, targets)
     if "web" in targets and not task_files_beside(graph):
         raise VeraExportError(
@@ -160,13 +191,14 @@ def convert(
         )
     tolerance = tolerance or max(DEFAULT_TOLERANCES[t] for t in targets)
     progress(f"Converting {graph.name} to {'+'.join(targets)} ...")
-    proto, contract = _transform(graph, targets)
+    proto, contract = _transform(graph, targets, block_size)
     with writing(out, None, replaces_set=True, inputs=tuple(_sources(graph))) as stage:
         scratch = stage.scratch()
         onnx_path = scratch / (out.with_suffix(".onnx").name if "ort" in targets else out.name)
         _write(proto, onnx_path, scratch / out.name if "ort" in targets else None)
         del proto
         finals = _copy_task_files(graph, out, scratch)
+        _copy_genai_files(graph, out, scratch)
         progress("Comparing every task with the float32 graph ...")
         agreements = compare_forms(graph, scratch / out.name)
         _require_agreement(agreements, tolerance, targets)

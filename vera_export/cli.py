@@ -77,7 +77,7 @@ def main() -> None:
       vera-export MODEL.pt --out m.onnx     export (same as `vera-export export ...`)
       vera-export ADAPTER_DIR --base BASE_DIR --out m.onnx   export a PEFT VeRA adapter folder
       vera-export task OTHER.pt -g m.onnx  add OTHER's λ as another task of m.onnx
-      vera-export convert m.onnx --to int8 --out m.int8.onnx   int8, fp16, web or ort form
+      vera-export convert m.onnx --to int4 --out m.int4.onnx   int8, int4, fp16, web or ort form
       vera-export inspect m.onnx            show a graph's contract and its task files
     """
 
@@ -244,19 +244,22 @@ def task_command(model_path, graph, task_name, trust_pickle, base, model_class, 
 @main.command("convert")
 @click.argument("graph_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False))
 @click.option("--to", "targets", required=True, multiple=True, metavar="TARGET",
-              help="int8 (quantized base weights), fp16, web (for onnxruntime-node/-web) or ort (mobile"
+              help="int8 or int4 (quantized base weights), fp16, web (for onnxruntime-node/-web) or ort (mobile"
                    " format); combine with commas or repeat, e.g. --to int8,web.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="The graph to write (.ort for --to ort); the task files are copied beside it.")
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True),
               help="Largest difference from the float32 graph accepted, relative to the outputs' largest"
-                   " magnitude (default: web 1e-5, ort 1e-4, fp16 2e-2, int8 0.25).")
+                   " magnitude (default: web 1e-5, ort 1e-4, fp16 2e-2, int8 0.25, int4 0.5).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="int4: weights per scale (MatMulNBits block size).")
 @_errors_as_messages
-def convert_command(graph_path, targets, out, tolerance) -> None:
+def convert_command(graph_path, targets, out, tolerance, block_size) -> None:
     """Write GRAPH in the form another ONNX Runtime target needs, checked task by task against it."""
     from ._convert import convert
 
-    result = convert(graph_path, out, targets, tolerance=tolerance, progress=_progress(time.perf_counter()))
+    result = convert(graph_path, out, targets, tolerance=tolerance, block_size=int(block_size),
+                     progress=_progress(time.perf_counter()))
     for agreement in result.agreements:
         click.echo(f"  {agreement.name}: max |diff| {agreement.max_abs_diff:.2e} (outputs up to"
                    f" {agreement.scale:.3g}), argmax agrees on {agreement.argmax_agreement:.1%}", err=True)

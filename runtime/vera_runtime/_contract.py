@@ -34,7 +34,7 @@ KEY_DIM_LIMITS = _PREFIX + "dim_limits"
 KEY_TASK_DEFAULTS = _PREFIX + "task_defaults"
 KEY_WEIGHTS = _PREFIX + "weights"
 KEY_HOT_TEMPLATE = _PREFIX + "hot_template_sha256"
-WEIGHT_TYPES = ("float32", "int8", "float16")
+WEIGHT_TYPES = ("float32", "int8", "int4", "float16")
 
 LAMBDA_D = "vera_lambda_d"
 LAMBDA_B = "vera_lambda_b"
