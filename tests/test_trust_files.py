@@ -406,6 +406,20 @@ def test_deeply_nested_json_files_give_the_project_error(folder, tmp_path):
     assert TokenIds.beside(tmp_path / "model.onnx") == TokenIds()  # ignored, as any unreadable config
 
 
+def test_a_huge_config_file_is_refused_before_it_is_read(tmp_path):
+    """A 2 GiB (sparse) adapter_config.json or genai_config.json is refused from its size alone."""
+    from vera_runtime._generate import TokenIds
+    from vera_runtime._jsonio import read_adapter_config
+
+    for name in ("adapter_config.json", "genai_config.json"):
+        with open(tmp_path / name, "wb") as handle:
+            handle.write(b'{"model": {"eos_token_id": 7}, "pad": "')
+            handle.truncate(2 << 30)
+    with pytest.raises(ValueError, match="2,147,483,648 bytes, more than the 1,048,576 such a file takes"):
+        read_adapter_config(tmp_path / "adapter_config.json")
+    assert TokenIds.beside(tmp_path / "model.onnx") == TokenIds()
+
+
 # -- 9. the terminal -------------------------------------------------------------------------------------
 
 

@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 from vera_runtime import Contract
-from vera_runtime.files import same_file
+from vera_runtime.files import load_file_bounded, same_file
 from vera_runtime.layout import COMPANION_FILES, GENAI_CONFIG, PAST, PRESENT
 
+from ._errors import VeraExportError
 from ._kv_cache import TOTAL, CachedCausalLM
 from ._limits import declared_positions
 from ._staging import Staging
@@ -25,8 +26,14 @@ def _token_ids(base: Path, config) -> dict[str, int | list[int] | None]:
     """bos/eos/pad as generation_config.json says (it wins, as in transformers), else config.json;
     no pad id means the eos id, as transformers' generate pads."""
     generation = {}
-    if (base / "generation_config.json").is_file():
-        generation = json.loads((base / "generation_config.json").read_text())
+    path = base / "generation_config.json"
+    if path.is_file():
+        try:
+            generation = load_file_bounded(path)
+            if not isinstance(generation, dict):
+                raise ValueError(f"it holds a JSON {type(generation).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            raise VeraExportError(f"{path} is not a readable generation config ({exc}): fix or remove it.") from exc
     ids = {key: generation.get(key, getattr(config, key, None)) for key in ("bos_token_id", "eos_token_id",
                                                                           "pad_token_id")}
     if ids["pad_token_id"] is None:

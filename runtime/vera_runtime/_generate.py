@@ -12,7 +12,7 @@ import numpy as np
 
 from ._errors import FeedError
 from ._feeds import InputInfo
-from ._json import loads_bounded
+from ._json import load_file_bounded
 
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
@@ -67,7 +67,7 @@ class TokenIds:
         """From the ``genai_config.json`` in the graph's folder (the export's, which its converted forms
         share: onnxruntime-genai keeps one model per folder), else none."""
         try:
-            model = loads_bounded(graph.with_name(GENAI_CONFIG).read_bytes())["model"]
+            model = load_file_bounded(graph.with_name(GENAI_CONFIG))["model"]
             eos, pad = model.get("eos_token_id"), model.get("pad_token_id")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return cls()

@@ -10,7 +10,7 @@ import numpy as np
 
 from ._errors import FeedError, printable
 from ._feeds import InputInfo
-from ._json import JsonError, loads_bounded
+from ._json import JsonError, load_file_bounded, loads_bounded
 
 
 def parse_json(text: str | bytes, source: str):
@@ -25,7 +25,7 @@ def read_adapter_config(path: Path) -> dict:
     """PEFT's adapter_config.json as a dict; ValueError naming the file and what to do otherwise.
     (The exporter and the runtime raise their own error types with this message.)"""
     try:
-        config = loads_bounded(path.read_bytes())
+        config = load_file_bounded(path)
     except (OSError, JsonError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}): re-save the adapter with PEFT.") from exc
     if not isinstance(config, dict):
