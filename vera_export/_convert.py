@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
-from vera_runtime.files import loads_bounded
+from vera_runtime.files import load_file_bounded
 from vera_runtime.layout import COMPANION_FILES, GENAI_CONFIG, task_files_beside
 
 from . import _defaults
@@ -55,7 +55,7 @@ def parse_targets(to: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in names)
 
 
-def _check_out(graph: Path, out: Path, targets: tuple[str, ...]) -> None:
+def _check_out(graph: Path, out: Path, targets: tuple[str, ...], sources: tuple[Path, ...]) -> None:
     want = ".ort" if "ort" in targets else ".onnx"
     if out.suffix != want:
         raise VeraExportError(f"--out {out}: name the {'/'.join(targets)} graph *{want}, e.g. {out.with_suffix(want)}.")
@@ -64,13 +64,13 @@ def _check_out(graph: Path, out: Path, targets: tuple[str, ...]) -> None:
             f"--out {out} has the stem of {graph} (their task files would share names): choose another, e.g."
             f" {graph.with_suffix('').name}.{targets[0]}{want}."
         )
-    check_writable(out, _sources(graph))
+    check_writable(out, sources)
 
 
-def _sources(graph: Path) -> list[Path]:
+def _sources(graph: Path) -> tuple[Path, ...]:
     """What a conversion reads: the graph, its external data and its task files."""
     tasks = [*task_files_beside(graph).values(), *task_files_beside(graph, ADAPTER_SUFFIX).values()]
-    return [graph, Path(f"{graph}.data"), *tasks]
+    return graph, Path(f"{graph}.data"), *tasks
 
 
 def _transform(graph: Path, targets: tuple[str, ...], block_size: int):
@@ -141,7 +141,7 @@ def _copy_genai_files(graph: Path, out: Path, folder: Path) -> None:
     if out.resolve().parent == graph.resolve().parent or not config.is_file():
         return
     try:
-        settings = loads_bounded(config.read_bytes())
+        settings = load_file_bounded(config)
         settings["model"]["decoder"]["filename"] = out.name
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VeraExportError(f"{config} is not a genai_config.json this graph's export wrote ({exc!r:.120}):"
@@ -183,7 +183,8 @@ def convert(
     graph, out, targets = Path(graph), Path(out), parse_targets(to)
     if block_size not in BLOCK_SIZES:
         raise VeraExportError(f"block size {block_size} is not one of {BLOCK_SIZES} (MatMulNBits takes powers of two).")
-    _check_out(graph, out, targets)
+    sources = _sources(graph)
+    _check_out(graph, out, targets, sources)
     if "web" in targets and not task_files_beside(graph):
         raise VeraExportError(
             f"no task files beside {graph}: a web graph holds no task values, so it needs them; write them with"
@@ -192,7 +193,7 @@ def convert(
     tolerance = tolerance or max(DEFAULT_TOLERANCES[t] for t in targets)
     progress(f"Converting {graph.name} to {'+'.join(targets)} ...")
     proto, contract = _transform(graph, targets, block_size)
-    with writing(out, None, replaces_set=True, inputs=tuple(_sources(graph))) as stage:
+    with writing(out, None, replaces_set=True, inputs=sources) as stage:
         scratch = stage.scratch()
         onnx_path = scratch / (out.with_suffix(".onnx").name if "ort" in targets else out.name)
         _write(proto, onnx_path, scratch / out.name if "ort" in targets else None)

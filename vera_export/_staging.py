@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -18,9 +17,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
+from vera_runtime import TASK_SUFFIX
 from vera_runtime.files import finish_publish, publish, refuse_overwriting, remove_stale_staging, signals_deferred
-from vera_runtime.layout import STAGING_SUFFIX, staging_path, task_files_beside
+from vera_runtime.layout import COMPANION_FILES, own_names, staged_for, staging_path
 
 from ._errors import VeraExportError
 
@@ -34,12 +33,10 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def old_set(graph: Path) -> list[Path]:
-    """What an export to ``graph`` replaces: the graph, its external data, hot template and task files."""
-    stem = graph.with_suffix("")
-    candidates = [graph, Path(f"{graph}.data"), stem.with_name(f"{stem.name}.hot.onnx"),
-                  stem.with_name(f"{stem.name}.hot.onnx.data")]
-    tasks = [*task_files_beside(graph).values(), *task_files_beside(graph, ADAPTER_SUFFIX).values()]
-    return [path for path in candidates if path.exists()] + tasks
+    """What an export to ``graph`` replaces: the graph's own files beside it (its external data, hot template
+    and task files) but the genai and tokenizer files, which only KV-cache exports write."""
+    return sorted(path for path in graph.parent.iterdir()
+                  if own_names(graph, path.name) and path.name not in COMPANION_FILES)
 
 
 class Staging:
@@ -106,8 +103,7 @@ class Staging:
 def unstaged(path: str | os.PathLike) -> str:
     """The final name of a staged file (``.m.onnx.<pid>.<hex>.vera-tmp`` -> ``m.onnx``), for messages."""
     name = Path(path).name
-    match = re.match(rf"^\.(?P<name>.+)\.\d+\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$", name)
-    return match["name"] if match else name
+    return staged_for(name) or name
 
 
 _WRITTEN_BY_EXPORTS = (".onnx", ".onnx.data", ".ort", ".onnx_adapter", TASK_SUFFIX, "genai_config.json")

@@ -56,6 +56,11 @@ class Request:
     tokens_per_row: int = 1
 
     @property
+    def tokens(self) -> int:
+        """What the request costs a run: its rows times the tokens of one row."""
+        return len(self.row_tasks) * self.tokens_per_row
+
+    @property
     def key(self) -> tuple:
         """Requests with equal keys can be stacked into one batch."""
         defaults = self.row_tasks[0] is None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 STAGING_SUFFIX = ".vera-tmp"
 JOURNAL_SUFFIX = ".vera-publish"
-_STAGED = re.compile(rf"^\..+\.(?P<pid>\d+)\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$")
+_STAGED = re.compile(rf"^\.(?P<final>.+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$")
 # vera-export 0.1.0 staged with mkstemp: '.m.onnx.k2j4_x9a.tmp', without a pid; removed once older than this process
 _LEGACY = re.compile(r"^\..+\.(onnx|onnx_adapter|safetensors|data)\.[a-z0-9_]{8}\.tmp$")
 _STARTED = time.time()
@@ -55,6 +55,12 @@ def staging_path(final: str | os.PathLike) -> Path:
     """A hidden name beside ``final`` that says which process staged it: ``.m.onnx.<pid>.<hex>.vera-tmp``."""
     final = Path(final)
     return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{STAGING_SUFFIX}")
+
+
+def staged_for(name: str) -> str | None:
+    """The final name a staged file was staged for (``.m.onnx.<pid>.<hex>.vera-tmp`` -> ``m.onnx``), or None."""
+    match = _STAGED.match(name)
+    return match["final"] if match else None
 
 
 @contextlib.contextmanager

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
 from ._errors import VeraError
-from ._io import MODE, STAGING_SUFFIX, atomic_path, signals_deferred
-from ._json import JsonError, loads_bounded
+from ._hot import hot_template_path
+from ._io import MODE, atomic_path, signals_deferred, staged_for
+from ._json import JsonError, load_file_bounded
+from ._taskfile import ADAPTER_SUFFIX, TASK_SUFFIX, is_task_name
 
 JOURNAL_SUFFIX = ".vera-publish"
 JOURNAL_VERSION = 2  # 1 (vera-export 0.1.0) held paths: refused, the export is simply run again
@@ -29,7 +30,6 @@ _JOURNAL_BYTES = 1 << 20  # ~5,000 names: far more than any graph's set
 # Files an export writes beside a KV-cache graph, for onnxruntime-genai and the tokenizer (vera_export._genai).
 COMPANION_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
-_TASK_FILE = re.compile(r"\.(?P<task>[A-Za-z0-9_-]{1,64})\.(task\.safetensors|onnx_adapter)")
 
 
 class JournalError(VeraError, OSError):
@@ -43,17 +43,12 @@ def journal_path(graph: str | os.PathLike) -> Path:
 
 def own_names(graph: Path, name: str) -> bool:
     """Whether ``name`` is one of the files an export of ``graph`` writes beside it."""
-    stem = graph.with_suffix("").name
-    fixed = {graph.name, f"{graph.name}.data", f"{stem}.hot.onnx", f"{stem}.hot.onnx.data", *COMPANION_FILES}
-    if name in fixed:
+    hot = hot_template_path(graph).name
+    if name in {graph.name, f"{graph.name}.data", hot, f"{hot}.data", *COMPANION_FILES}:
         return True
-    return name.startswith(f"{stem}.") and _TASK_FILE.fullmatch(name[len(stem):]) is not None
-
-
-def is_staged_form(staged: str, final: str) -> bool:
-    """Whether ``staged`` is what ``_io.staging_path`` names a file staged for ``final``."""
-    pattern = rf"\.{re.escape(final)}\.\d+\.[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}"
-    return re.fullmatch(pattern, staged) is not None
+    stem = graph.with_suffix("").name
+    return any(name.startswith(f"{stem}.") and name.endswith(suffix) and is_task_name(name[len(stem) + 1:-len(suffix)])
+               for suffix in (TASK_SUFFIX, ADAPTER_SUFFIX))
 
 
 def publish(graph: str | os.PathLike, renames: dict[Path, Path], remove: list[Path]) -> None:
@@ -110,12 +105,7 @@ def read_journal(graph: Path) -> dict:
     """The journal beside ``graph``, checked whole: JournalError naming it and the problem otherwise."""
     journal = journal_path(graph)
     try:
-        info = os.lstat(journal)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("it is not a regular file")
-        if info.st_size > _JOURNAL_BYTES:
-            raise ValueError(f"it is {info.st_size:,} bytes, more than any export writes")
-        plan = loads_bounded(journal.read_bytes(), max_depth=3)
+        plan = load_file_bounded(journal, _JOURNAL_BYTES, max_depth=3, follow_links=False)
         _check_plan(plan, graph)
     except (OSError, ValueError, JsonError) as exc:
         raise JournalError(
@@ -139,7 +129,7 @@ def _check_plan(plan, graph: Path) -> None:
             raise ValueError(f"rename {entry!r:.80} is not a pair of names")
         staged, final = entry
         _check_name(final, graph)
-        if not is_staged_form(staged, final):
+        if staged_for(staged) != final:
             raise ValueError(f"{staged!r:.80} is not a staged file of {final!r:.80}")
         _check_kind(graph.parent / staged, regular=True)
         _check_kind(graph.parent / final, regular=False)

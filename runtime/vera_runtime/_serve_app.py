@@ -101,7 +101,7 @@ class ModelReplica:
             return _error(422, f"output '{bad[0]}' holds NaN or Inf for these inputs, which JSON cannot carry"
                                " (e.g. a row whose attention_mask is all 0).")
         body = {"task": request.asked, "outputs": {name: value.tolist() for name, value in outputs.items()}}
-        if len(request.row_tasks) * request.tokens_per_row > self.limits.run_tokens:  # a large request: once answered,
+        if request.tokens > self.limits.run_tokens:  # a large request: once answered,
             asyncio.get_running_loop().call_later(0.5, _release_memory)  # its memory goes back to the OS
         return _reply(200, body, {"X-Vera-Batch": str(batch), "X-Vera-Node": self.node})
 
@@ -115,12 +115,7 @@ class DirectReplica(ModelReplica):
     """A model replica that takes HTTP itself: no hop, but a request whose replica dies gets Ray's 500."""
 
     async def __call__(self, http: HttpRequest) -> Response:
-        path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"
-        try:
-            body = await _body(http, self.max_body)
-        except RequestError as exc:
-            return _response(_error(exc.status, str(exc)))
-        return _response(await self.handle(http.method, path, body))
+        return await _serve_http(http, self.max_body, self.handle)
 
 
 class Ingress:
@@ -131,16 +126,26 @@ class Ingress:
         self.max_body = max_body
 
     async def __call__(self, http: HttpRequest) -> Response:
-        path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"  # under an app's route prefix
+        return await _serve_http(http, self.max_body, self._forward)
+
+    async def _forward(self, method: str, path: str, body: bytes) -> Reply:
         try:
-            body = await _body(http, self.max_body)
-        except RequestError as exc:
-            return _response(_error(exc.status, str(exc)))
-        try:
-            return _response(await self.model.handle.remote(http.method, path, body))
+            return await self.model.handle.remote(method, path, body)
         except (RayActorError, ActorUnavailableError):  # the replica died (or went away) under this request
             status, payload, _ = _error(503, "the replica running this request stopped; send it again.")
-            return _response((status, payload, {"Retry-After": str(RETRY_AFTER_S)}))
+            return status, payload, {"Retry-After": str(RETRY_AFTER_S)}
+
+
+async def _serve_http(http: HttpRequest, max_body: int, handle) -> Response:
+    """Read an HTTP request (its path under the app's route prefix, its body within ``max_body``) and
+    answer with what ``handle(method, path, body)`` replies."""
+    path = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"
+    try:
+        body = await _body(http, max_body)
+    except RequestError as exc:
+        return _response(_error(exc.status, str(exc)))
+    return _response(await handle(http.method, path, body))
+
 
 async def _body(http: HttpRequest, max_body: int) -> bytes:
     """The request body, refused (413) past ``max_body`` bytes before it is all read."""

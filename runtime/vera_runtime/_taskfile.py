@@ -94,11 +94,7 @@ def check_entries(header: Header, expected: Mapping[str, tuple[int, ...]], sourc
     """Refuse a file whose declared tensors are not exactly the graph's (names, float32, shapes), before
     any tensor is read: a file cannot make us read what the graph does not take."""
     allowed = {**expected, **(optional or {})}
-    missing = sorted(set(expected) - set(header.entries))
-    unknown = sorted(set(header.entries) - set(allowed))
-    if missing or unknown:
-        detail = f"missing {missing[:3]}" if missing else f"unknown {[printable(n, 80) for n in unknown[:3]]}"
-        raise TaskFileError(f"{source} does not match the graph's layers: {detail} tensors.")
+    _check_names(header.entries, expected, allowed, source)
     for name, entry in header.entries.items():
         if entry.dtype != "F32" or entry.shape != tuple(allowed[name]):
             dtype = entry.numpy_dtype.name if entry.numpy_dtype else printable(entry.dtype, 10)
@@ -108,15 +104,20 @@ def check_entries(header: Header, expected: Mapping[str, tuple[int, ...]], sourc
             )
 
 
+def _check_names(found, expected, allowed, source: str) -> None:
+    """Refuse names missing from ``expected`` or outside ``allowed``, naming a few of them."""
+    missing = sorted(set(expected) - set(found))
+    unknown = sorted(set(found) - set(allowed))
+    if missing or unknown:
+        detail = f"missing {missing[:3]}" if missing else f"unknown {[printable(n, 80) for n in unknown[:3]]}"
+        raise TaskFileError(f"{source} does not match the graph's layers: {detail} tensors.")
+
+
 def check_task(task: Task, contract: Contract, source: str) -> None:
     """Refuse a task whose base weights, fingerprint, tensor names, shapes, dtypes or values don't fit."""
     check_fingerprint(task.fingerprint, task.base_digest, contract, source)
     expected = contract.task_shapes()
-    missing = sorted(set(expected) - set(task.tensors))
-    unknown = sorted(set(task.tensors) - set(expected))
-    if missing or unknown:
-        detail = f"missing {missing[:3]}" if missing else f"unknown {[printable(n, 80) for n in unknown[:3]]}"
-        raise TaskFileError(f"{source} does not match the graph's layers: {detail} tensors.")
+    _check_names(task.tensors, expected, expected, source)
     for name, shape in expected.items():
         array = task.tensors[name]
         if array.dtype != np.float32 or array.shape != shape:
