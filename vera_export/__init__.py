@@ -14,6 +14,7 @@ _WHERE = {
     "ExportResult": "_export",
     "InputSpec": "_inputs",
     "LoadedModel": "_checkpoint",
+    "LoraResult": "_lora",
     "PeftExportResult": "_peft",
     "UntrustedFileError": "_errors",
     "Verification": "_verify",
@@ -27,6 +28,7 @@ _WHERE = {
     "apply_vera": "_layer",
     "export": "_export",
     "export_peft": "_peft",
+    "export_lora": "_lora",
     "export_plain": "_plain",
     "load_model": "_checkpoint",
     "read_contract": "_graphfile",
@@ -34,9 +36,10 @@ _WHERE = {
 }
 
 __all__ = [
-    "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "PeftExportResult", "UntrustedFileError",
-    "Verification", "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task", "apply_vera",
-    "convert", "export", "export_peft", "export_plain", "load_model", "read_contract", "save_checkpoint",
+    "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "LoraResult", "PeftExportResult",
+    "UntrustedFileError", "Verification", "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task",
+    "apply_vera", "convert", "export", "export_lora", "export_peft", "export_plain", "load_model", "read_contract",
+    "save_checkpoint",
 ]
 
 
@@ -60,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._graphfile import read_contract
     from ._inputs import Dim, InputSpec
     from ._layer import VeraConfig, VeraLinear, apply_vera
+    from ._lora import LoraResult, export_lora
     from ._peft import PeftExportResult, add_peft_task, export_peft
     from ._plain import export_plain
     from ._verify import Verification

@@ -266,6 +266,46 @@ def convert_command(graph_path, targets, out, tolerance, block_size) -> None:
     click.echo(f"Wrote {result.path} ({'+'.join(result.targets)}) and {len(result.task_files)} task files")
 
 
+@main.command("lora")
+@click.argument("source", metavar="SOURCE", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="The LoRA adapter folder to write (new, or one an earlier `vera-export lora` wrote).")
+@click.option("--graph", "-g", type=click.Path(dir_okay=False),
+              help="SOURCE is a task file (.task.safetensors or .onnx_adapter): the graph it belongs to.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="The transformers base model folder (PEFT folders: default their base_model_name_or_path;"
+                   " task files: required).")
+@click.option("--model-class", help=_MODEL_CLASS_HELP)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Precision of the LoRA weights on disk (checked in float32 either way).")
+@click.option(TRUST_FLAG, "trust_pickle", is_flag=True, help="As for export: only for files you trust.")
+@_errors_as_messages
+def lora_command(source, out, graph, base, model_class, dtype, trust_pickle) -> None:
+    """Write a VeRA task as the LoRA adapter that computes the same function (PEFT's format), for engines
+    that run LoRA only (vLLM, SGLang, TensorRT-LLM, llama.cpp, onnxruntime-genai's builder).
+
+    SOURCE is a PEFT VeRA adapter folder, a task file of a graph exported from one (with --graph and
+    --base), or a vera-export checkpoint. Checked with PEFT before anything is written: the LoRA over the
+    base must equal the VeRA model to 1e-5.
+    """
+    from ._lora import export_lora
+
+    result = export_lora(source, out, graph=graph, base=base, model_class=model_class, dtype=dtype,
+                         trust_pickle=trust_pickle, progress=_progress(time.perf_counter()))
+    for check in (result.exact, result.written) if dtype != "float32" else (result.exact,):
+        click.echo(f"  PEFT LoRA ({check.name}) vs VeRA: max |diff| {check.max_abs_diff:.2e} (outputs up to"
+                   f" {check.scale:.3g})", err=True)
+    click.echo(f"Wrote {result.out}: a rank-{result.r} LoRA of {result.layers} layers, {_size(result.lora_bytes)}"
+               f" ({dtype}; the VeRA task itself is {_size(result.vera_bytes)})")
+
+
+def _size(nbytes: int) -> str:
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
 @main.command("inspect")
 @click.argument("graph_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False))
 @_errors_as_messages
