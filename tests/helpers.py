@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
@@ -15,6 +18,19 @@ from vera_export._discover import AdaptedModel, find_vera_layers
 from vera_export._verify import ort_session, random_task, task_tensors_set, torch_outputs
 
 TOLERANCE = 1e-5
+CI = os.environ.get("CI", "").lower() in ("1", "true")  # a missing piece fails the test in CI, skips it here
+GENAI_PYTHON = Path(os.environ.get("VERA_GENAI_PYTHON", Path(__file__).parents[1] / ".venv-genai" / "bin" / "python"))
+
+
+def genai_python(*modules: str) -> Path:
+    """The interpreter of onnxruntime-genai's own environment (it pins a CPU onnxruntime that must not meet
+    onnxruntime-gpu), able to import ``modules`` too; the test fails in CI and is skipped elsewhere without it."""
+    probe = [str(GENAI_PYTHON), "-c", f"import onnxruntime_genai{''.join(f', {m}' for m in modules)}"]
+    if not GENAI_PYTHON.is_file() or subprocess.run(probe, capture_output=True).returncode:
+        why = (f"no onnxruntime-genai environment at {GENAI_PYTHON} that imports onnxruntime_genai"
+               f"{''.join(f', {m}' for m in modules)}: create it as .ci/run does (or set VERA_GENAI_PYTHON)")
+        pytest.fail(why) if CI else pytest.skip(why)
+    return GENAI_PYTHON
 
 
 class CustomNet(nn.Module):

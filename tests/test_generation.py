@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from peft_folders import add_tokenizer, make_adapter, make_base, model_class
 
+from helpers import genai_python
 from vera_export import VeraExportError
 from vera_export._peft import export_peft
 from vera_runtime import FeedError, VeraSession
@@ -24,8 +24,6 @@ from vera_runtime._device import cuda_problem
 
 TASKS = ("alpha", "beta")
 NEW = 10
-GENAI_PYTHON = Path(os.environ.get("VERA_GENAI_PYTHON", Path(__file__).parents[1] / ".venv-genai" / "bin" / "python"))
-CI = os.environ.get("CI", "").lower() in ("1", "true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +263,7 @@ def test_the_int4_graph_generates_each_rows_task_and_genai_runs_it_with_our_adap
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
     script = Path(__file__).parent / "genai" / "generate.py"
-    done = subprocess.run([str(_genai_python()), str(script), str(out.parent), str(request)], capture_output=True,
+    done = subprocess.run([str(genai_python()), str(script), str(out.parent), str(request)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout)
@@ -387,18 +385,10 @@ def test_a_cache_path_that_drifts_from_pytorch_refuses_the_export(tmp_path, monk
     assert not (tmp_path / "m.onnx").exists()
 
 
-def _genai_python() -> Path:
-    if not GENAI_PYTHON.is_file():
-        why = (f"no onnxruntime-genai environment at {GENAI_PYTHON}: python3 -m venv .venv-genai &&"
-               " .venv-genai/bin/pip install onnxruntime-genai==0.18.0 (or set VERA_GENAI_PYTHON)")
-        pytest.fail(why) if CI else pytest.skip(why)
-    return GENAI_PYTHON
-
-
 def test_onnxruntime_genai_runs_our_graph_with_our_adapters(family, tmp_path):
     """og.Model(folder) + og.Adapters with each task's .onnx_adapter, greedy, in onnxruntime-genai's own
     environment: the tokens are PEFT's. genai's min_length keeps eos out, as PEFT's min_new_tokens does."""
-    python = _genai_python()
+    python = genai_python()
     prompt = [5, 17, 300, 42]
     adapters = {"": "", **{t: str(family.graph.with_name(f"model.{t}.onnx_adapter")) for t in TASKS}}
     request = tmp_path / "request.json"

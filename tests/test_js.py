@@ -22,12 +22,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import vera_models
+from helpers import CI
 from vera_export import convert
 from vera_runtime import VeraSession
 from vera_runtime._taskfile import KEY_DIGEST, task_files_beside, tensors_digest
 
 JS = Path(__file__).resolve().parents[1] / "runtime" / "js"
-CI = os.environ.get("CI", "").lower() in ("1", "true")
 
 
 def _require(ready: bool, what: str) -> None:

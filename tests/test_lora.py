@@ -5,7 +5,6 @@ whose model with the LoRA baked in must generate PEFT VeRA's greedy tokens."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -18,13 +17,12 @@ from peft_folders import FAMILIES, add_tokenizer, make_adapter, make_base, model
 from safetensors import safe_open
 
 import vera_models
+from helpers import genai_python
 from vera_export import VeraExportError, export_lora, export_peft, save_checkpoint
 from vera_export import _lora as lora_module
 from vera_export._layer import VeraLinear
 from vera_export.cli import main as cli
 
-GENAI_PYTHON = Path(os.environ.get("VERA_GENAI_PYTHON", Path(__file__).parents[1] / ".venv-genai" / "bin" / "python"))
-CI = os.environ.get("CI", "").lower() in ("1", "true")
 EXACT = 1e-5
 # the test matrix's kinds: encoder heads (one Linear, RoBERTa's dense+out_proj, DistilBERT's pre_classifier),
 # causal LMs, GPT-2's Conv1D (fan_in_fan_out), an encoder-decoder and a vision model
@@ -231,19 +229,10 @@ def test_cli_prints_the_check_and_the_sizes(folders, tmp_path):
     assert failed.exit_code == 1 and "missing" in failed.output
 
 
-def _genai_python() -> Path:
-    probe = [str(GENAI_PYTHON), "-c", "import onnxruntime_genai.models.builder, torch, transformers, peft"]
-    if not GENAI_PYTHON.is_file() or subprocess.run(probe, capture_output=True).returncode:
-        why = (f"no onnxruntime-genai environment with its model builder at {GENAI_PYTHON}: see .ci/run for"
-               " what it installs (or set VERA_GENAI_PYTHON)")
-        pytest.fail(why) if CI else pytest.skip(why)
-    return GENAI_PYTHON
-
-
 def test_onnxruntime_genai_builder_bakes_the_lora_and_generates_peft_veras_tokens(tmp_path):
     """The builder (fp32, CPU) with --extra_options adapter_path=LORA_DIR: greedy tokens equal PEFT VeRA's,
     and differ from the bare base's. GroupQueryAttention needs a head size that is a multiple of 16."""
-    python = _genai_python()
+    python = genai_python("onnxruntime_genai.models.builder", "torch", "transformers", "peft")
     base = add_tokenizer(make_base(tmp_path / "base", "llama", hidden_size=64, intermediate_size=128), 1000)
     adapter = make_adapter(tmp_path / "vera", base, "llama", seed=1)
     export_lora(adapter, tmp_path / "lora")

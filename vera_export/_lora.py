@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from vera_runtime.files import refuse_overwriting
+from vera_runtime.layout import staging_path
 
 from ._agreement import Check
 from ._discover import AdaptedModel, find_vera_layers
@@ -92,7 +92,7 @@ def _check_out(out: Path, reads: tuple[Path, ...]) -> None:
 @contextlib.contextmanager
 def _scratch_beside(out: Path) -> Iterator[Path]:
     """A hidden folder beside ``out`` (same file system: the final moves are renames), always removed."""
-    scratch = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.vera-tmp"
+    scratch = staging_path(out)
     scratch.mkdir()
     try:
         yield scratch
@@ -116,6 +116,7 @@ def _write(folder: Path, config, tensors: dict[str, torch.Tensor], dtype: torch.
     config.save_pretrained(str(folder))
     save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS),
               metadata={"format": "pt"})
+    os.chmod(folder / WEIGHTS, (folder / CONFIG).stat().st_mode & 0o777)  # safetensors writes 0600; PEFT does not
 
 
 def _outputs(forward, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
