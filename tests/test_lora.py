@@ -113,9 +113,10 @@ def test_the_lora_factors_are_the_vera_layers_own(folders, tmp_path):
     torch.testing.assert_close(lora_b, layer.vera_lambda_b["default"].detach()[:, None] * vera_b)
 
 
-@pytest.mark.parametrize("options", [{"bias": "vera_only"}, {"bias": "all"}, {"layers_to_transform": [1]}],
-                         ids=["bias-vera_only", "bias-all", "layers_to_transform"])
-def test_bias_modes_and_layer_selection_carry_over(options, tmp_path):
+@pytest.mark.parametrize("options", [{"bias": "vera_only"}, {"bias": "all"}, {"layers_to_transform": [1]},
+                                     {"save_projection": False}],
+                         ids=["bias-vera_only", "bias-all", "layers_to_transform", "A-B-from-the-seed"])
+def test_bias_modes_layer_selection_and_unsaved_projections_carry_over(options, tmp_path):
     base = make_base(tmp_path / "base", "bert-cls")
     adapter = make_adapter(tmp_path / "vera", base, "bert-cls", seed=5, **options)
     export_lora(adapter, tmp_path / "lora")
