@@ -22,6 +22,17 @@ CI = os.environ.get("CI", "").lower() in ("1", "true")  # a missing piece fails 
 GENAI_PYTHON = Path(os.environ.get("VERA_GENAI_PYTHON", Path(__file__).parents[1] / ".venv-genai" / "bin" / "python"))
 
 
+JS = Path(__file__).resolve().parents[1] / "runtime" / "js"
+
+
+def require_js(ready: bool, what: str) -> None:
+    """A piece the JavaScript tests need (node_modules, chromium): fail in CI, skip elsewhere."""
+    if not ready:
+        if CI:
+            pytest.fail(f"{what} is missing: .ci/run installs it")
+        pytest.skip(f"{what} is missing: run `npm ci --ignore-scripts --prefix runtime/js` and install chromium")
+
+
 def genai_python(*modules: str) -> Path:
     """The interpreter of onnxruntime-genai's own environment (it pins a CPU onnxruntime that must not meet
     onnxruntime-gpu), able to import ``modules`` too; the test fails in CI and is skipped elsewhere without it."""

@@ -22,19 +22,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import vera_models
-from helpers import CI
+from helpers import JS, require_js
 from vera_export import convert
 from vera_runtime import VeraSession
 from vera_runtime._taskfile import KEY_DIGEST, task_files_beside, tensors_digest
-
-JS = Path(__file__).resolve().parents[1] / "runtime" / "js"
-
-
-def _require(ready: bool, what: str) -> None:
-    if not ready:
-        if CI:
-            pytest.fail(f"{what} is missing: .ci/run installs it")
-        pytest.skip(f"{what} is missing: run `npm ci --ignore-scripts --prefix runtime/js` and install chromium")
 
 
 def _spec(array: np.ndarray) -> dict:
@@ -124,7 +115,7 @@ def _node_test(script: str, fixtures: Path) -> str:
 
 
 def test_onnxruntime_node_equals_the_python_runtime(fixtures):
-    _require(shutil.which("node") is not None and (JS / "node_modules" / "onnxruntime-node").is_dir(),
+    require_js(shutil.which("node") is not None and (JS / "node_modules" / "onnxruntime-node").is_dir(),
              "node or runtime/js/node_modules")
     output = _node_test("node.test.mjs", fixtures)
     cases = len(json.loads((fixtures / "manifest.json").read_text())["cases"])
@@ -133,6 +124,6 @@ def test_onnxruntime_node_equals_the_python_runtime(fixtures):
 
 @pytest.mark.slow
 def test_onnxruntime_web_in_headless_chromium_equals_the_python_runtime(fixtures):
-    _require((JS / "node_modules" / "puppeteer-core").is_dir(), "runtime/js/node_modules")
-    _require(any(shutil.which(n) for n in ("chromium", "chromium-browser")) or "CHROMIUM" in os.environ, "chromium")
+    require_js((JS / "node_modules" / "puppeteer-core").is_dir(), "runtime/js/node_modules")
+    require_js(any(shutil.which(n) for n in ("chromium", "chromium-browser")) or "CHROMIUM" in os.environ, "chromium")
     _node_test("browser.test.mjs", fixtures)

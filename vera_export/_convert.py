@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX, Contract
 from vera_runtime.files import load_file_bounded
-from vera_runtime.layout import COMPANION_FILES, GENAI_CONFIG, task_files_beside
+from vera_runtime.layout import COMPANION_FILES, GENAI_CONFIG, labels_path, task_files_beside
 
 from . import _defaults
 from ._agreement import Agreement, compare_forms
@@ -133,20 +133,23 @@ def _write(proto, path: Path, ort_out: Path | None) -> None:
             written.unlink(missing_ok=True)
 
 
-def _copy_genai_files(graph: Path, out: Path, folder: Path) -> None:
-    """A KV-cache graph's genai_config.json and tokenizer files, into ``folder``, when the converted graph
-    goes to another folder (onnxruntime-genai runs one model per folder): its ``filename`` names ``out``.
-    In the source's own folder the converted form shares them, and genai keeps running the source."""
-    config = graph.with_name(GENAI_CONFIG)
-    if out.resolve().parent == graph.resolve().parent or not config.is_file():
+def _copy_companions(graph: Path, out: Path, folder: Path) -> None:
+    """Into ``folder``: the label names under ``out``'s stem, and, when ``out`` goes to another folder, the
+    tokenizer files and a KV-cache graph's genai_config.json (its ``filename`` naming ``out``: onnxruntime-genai
+    runs one model per folder). In the source's own folder the converted form shares them."""
+    if labels_path(graph).is_file():
+        shutil.copyfile(labels_path(graph), folder / labels_path(out).name)
+    if out.resolve().parent == graph.resolve().parent:
         return
-    try:
-        settings = load_file_bounded(config)
-        settings["model"]["decoder"]["filename"] = out.name
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise VeraExportError(f"{config} is not a genai_config.json this graph's export wrote ({exc!r:.120}):"
-                              " export the graph again.") from exc
-    (folder / GENAI_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    config = graph.with_name(GENAI_CONFIG)
+    if config.is_file():
+        try:
+            settings = load_file_bounded(config)
+            settings["model"]["decoder"]["filename"] = out.name
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VeraExportError(f"{config} is not a genai_config.json this graph's export wrote ({exc!r:.120}):"
+                                  " export the graph again.") from exc
+        (folder / GENAI_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     for name in COMPANION_FILES:
         if name != GENAI_CONFIG and graph.with_name(name).is_file():
             shutil.copyfile(graph.with_name(name), folder / name)
@@ -199,7 +202,7 @@ def convert(
         _write(proto, onnx_path, scratch / out.name if "ort" in targets else None)
         del proto
         finals = _copy_task_files(graph, out, scratch)
-        _copy_genai_files(graph, out, scratch)
+        _copy_companions(graph, out, scratch)
         progress("Comparing every task with the float32 graph ...")
         agreements = compare_forms(graph, scratch / out.name)
         _require_agreement(agreements, tolerance, targets)

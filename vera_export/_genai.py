@@ -75,7 +75,12 @@ def stage_genai_files(model: CachedCausalLM, graph: Path, base: Path, contract: 
     config_path = graph.with_name(GENAI_CONFIG)
     text = json.dumps(genai_config(model, graph.name, base, contract), indent=2)
     stage.path(config_path).write_text(text + "\n")
-    written = [config_path]
+    return [config_path, *stage_tokenizer_files(graph, base, stage)]
+
+
+def stage_tokenizer_files(graph: Path, base: Path, stage: Staging) -> list[Path]:
+    """Stage the base folder's tokenizer files (``tokenizer.json``, …) beside ``graph``."""
+    written = []
     for name in TOKENIZER_FILES:
         if (base / name).is_file() and not same_file(base / name, graph.with_name(name)):  # graph in the base folder
             shutil.copyfile(base / name, stage.path(graph.with_name(name)))

@@ -21,9 +21,10 @@ from vera_runtime.layout import check_task_name
 
 from ._errors import VeraExportError
 from ._export import ExportResult, add_task, export, read_contract, stage_task
-from ._genai import stage_genai_files
+from ._genai import stage_genai_files, stage_tokenizer_files
 from ._hf_inputs import default_input_specs
 from ._kv_cache import CachedCausalLM
+from ._labels import stage_labels, task_labels
 from ._peft_adapters import CONFIG, Adapter, check_compatible, projection_notes, read_adapter
 from ._peft_class import BaseClass, choose_class
 from ._staging import Staging
@@ -177,6 +178,9 @@ def export_peft(
                         **options)
         if kv_cache:
             stage_genai_files(root, Path(out), resolve_base(base, read[0]), result.contract, staging)
+        else:  # a page or client needs them to turn text into ids and logits into names
+            stage_tokenizer_files(Path(out), resolve_base(base, read[0]), staging)
+        _stage_labels(Path(out), read, loaded.model, result.contract, staging)
         task_files = [result.task_path]
         for adapter in read[1:]:
             loaded.model.set_adapter(adapter.name)
@@ -186,6 +190,14 @@ def export_peft(
         loaded.model.set_adapter(read[0].name)
         staging.publish()
     return PeftExportResult(result, tuple(task_files), loaded.notes)
+
+
+def _stage_labels(graph: Path, adapters: list[Adapter], model: nn.Module, contract, staging: Staging) -> None:
+    """Every task's label names, for a graph with per-task heads (a classifier)."""
+    config = model.get_base_model().config
+    labels = {adapter.name: task_labels(adapter.path, config, contract) for adapter in adapters}
+    if contract.heads:
+        stage_labels(graph, labels, staging)
 
 
 def add_peft_task(

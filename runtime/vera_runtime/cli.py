@@ -4,6 +4,7 @@
     vera-run run m.onnx --input x.npz --task T    run one task (T, or T=PATH to load a file)
     vera-run compare m.onnx --input x.npz         run one input with every task: a table
     vera-run generate m.onnx --prompt "…" --task T  generate text (a graph exported with --kv-cache)
+    vera-run demo m.web.onnx [--port P]           a page on 127.0.0.1: every task as you type
 """
 
 from __future__ import annotations
@@ -150,6 +151,27 @@ def _cmd_generate(args) -> None:
         print(f"{label}{printable(text, 1 << 20)}")
 
 
+def _cmd_demo(args) -> None:
+    from ._demo import demo_files, find_js, make_server
+
+    if problem := file_problem(args.graph):
+        raise FileNotFoundError(f"graph file {args.graph} {problem}.")
+    ort_session, _ = create_session(args.graph, "cpu", _quiet_options(args))
+    contract = Contract.from_metadata(ort_session.get_modelmeta().custom_metadata_map, args.graph)
+    del ort_session
+    files = demo_files(args.graph, contract, find_js(args.js))
+    server = make_server(files, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"Serving {printable(args.graph, 400)} with {len(files.manifest['tasks'])} tasks at"
+          f" http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("Stopped.")
+    finally:
+        server.server_close()
+
+
 def _message(exc: Exception) -> str:
     """What failed, in words: ours as they are, OS errors by file, anything else marked unexpected."""
     if isinstance(exc, OSError) and exc.filename:
@@ -193,6 +215,13 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int, help="makes --sample repeatable")
+    demo = commands.add_parser("demo", help="serve a page that runs every task of a classifier as you type")
+    demo.add_argument("graph", help="the web form of a classifier graph (vera-export convert --to web)")
+    demo.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    demo.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
+    demo.add_argument("--js", help="the repository's runtime/js folder, after npm ci (default: found beside the"
+                                   " package, $VERA_JS or ./runtime/js)")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -8,6 +8,7 @@
   ``loads_bounded`` (JSON without NaN or deep nesting), ``load_file_bounded`` (the same from a regular file
   of bounded size), ``read_adapter_config`` (PEFT's JSON), ``load_any_task`` (a task of a graph from a native
   task file, an ``.onnx_adapter`` or a PEFT adapter file, checked as ``VeraSession.load_task`` checks it),
+  ``read_labels`` / ``check_labels`` (a classifier's label names per task, ``<stem>.labels.json``),
   ``read_task_fingerprint`` (a task file's header only), ``adapter_size_limit``, ``template_digest``
   (what binds a hot template to its graph);
 - ``printable``: a string from a file or a request as a terminal or a message may show it.
@@ -26,14 +27,14 @@ from ._io import (
 )
 from ._json import load_file_bounded, loads_bounded
 from ._jsonio import read_adapter_config
+from ._labels import LabelsError, check_labels, read_labels
 from ._loaders import load_any_task
 from ._publish import finish_publish, pending_journal, publish
 from ._taskfile import adapter_size_limit, read_task_fingerprint
 
 __all__ = [
-    "adapter_size_limit", "atomic_path", "atomic_write_bytes", "file_problem", "finish_publish", "load_any_task",
-    "load_file_bounded",
-    "loads_bounded",
-    "pending_journal", "printable", "publish", "read_adapter_config", "read_task_fingerprint", "refuse_overwriting",
+    "LabelsError", "adapter_size_limit", "check_labels", "atomic_path", "atomic_write_bytes", "file_problem",
+    "finish_publish", "load_any_task", "load_file_bounded", "loads_bounded", "pending_journal", "printable",
+    "publish", "read_adapter_config", "read_labels", "read_task_fingerprint", "refuse_overwriting",
     "remove_stale_staging", "same_file", "signals_deferred", "template_digest",
 ]

@@ -35,6 +35,7 @@ from ._feeds import MASKS
 from ._generate import GENAI_CONFIG, PAST, PRESENT, CacheLayout, positions
 from ._hot import HOT_SUFFIX, hot_template_path
 from ._io import STAGING_SUFFIX, staged_for, staging_path
+from ._labels import LABELS_SUFFIX, labels_path
 from ._publish import COMPANION_FILES, JOURNAL_SUFFIX, journal_path, own_names
 from ._taskfile import (
     ADAPTER_SUFFIX,
@@ -51,7 +52,8 @@ __all__ = [
     "ADAPTER_SUFFIX", "COMPANION_FILES", "CacheLayout", "GENAI_CONFIG", "HOT_SUFFIX", "JOURNAL_SUFFIX",
     "KEY_BASE_DIGEST", "KEY_DEFAULT_TASK", "KEY_DIGEST", "KEY_DIM_LIMITS", "KEY_FINGERPRINT", "KEY_HEADS",
     "KEY_HOT_TEMPLATE", "KEY_INPUT_HIGHS", "KEY_LAYERS", "KEY_R", "KEY_RECIPE", "KEY_SEED", "KEY_TASK_DEFAULTS",
-    "KEY_VERSION", "KEY_WEIGHTS", "LAMBDA_B", "LAMBDA_D", "MASKS", "PAST", "PRESENT", "STAGING_SUFFIX",
-    "TASK_SUFFIX", "adapter_model_version", "check_task_name", "hot_template_path", "is_task_name",
-    "journal_path", "own_names", "positions", "staged_for", "staging_path", "task_file_paths", "task_files_beside",
+    "KEY_VERSION", "KEY_WEIGHTS", "LABELS_SUFFIX", "LAMBDA_B", "LAMBDA_D", "MASKS", "PAST", "PRESENT",
+    "STAGING_SUFFIX", "TASK_SUFFIX", "adapter_model_version", "check_task_name", "hot_template_path", "is_task_name",
+    "journal_path", "labels_path", "own_names", "positions", "staged_for", "staging_path", "task_file_paths",
+    "task_files_beside",
 ]
