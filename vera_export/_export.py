@@ -293,7 +293,7 @@ def export(
 
 def add_task(
     model: nn.Module, graph: str | os.PathLike, task_name: str | None = None, *, overwrite: bool = False,
-    reads: Sequence[str | os.PathLike] = (),
+    reads: Sequence[str | os.PathLike] = (), also: Callable[[Staging, Contract, str], None] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``model``'s current λ as another task of an exported graph, beside it.
 
@@ -301,6 +301,7 @@ def add_task(
     same base model fine-tuned on another task. A task the graph already has (its default task
     included) is replaced only with ``overwrite``. Returns the task file and ``.onnx_adapter`` paths.
     ``reads``: the files the model came from: a task file that is one of them is refused.
+    ``also(stage, contract, name)`` stages more files in the same set (a PEFT task's label names).
     """
     graph = Path(graph)
     contract = read_contract(graph)
@@ -313,7 +314,10 @@ def add_task(
         )
     digest = base_digest(model) if contract.base_digest else None  # graphs exported before digests have none
     with writing(graph, None, replaces_set=False, inputs=tuple(map(Path, reads))) as stage:
-        return stage_task(model, graph, contract, stage, name, digest)
+        paths = stage_task(model, graph, contract, stage, name, digest)
+        if also:
+            also(stage, contract, name)
+        return paths
 
 
 def stage_task(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vera_runtime.files import read_labels
 from vera_runtime.layout import check_task_name
 
 from ._errors import VeraExportError
@@ -217,4 +218,11 @@ def add_peft_task(
     read = _read_all({task_name: adapter_dir})
     loaded = load_peft_models(read, base, model_class)
     reads = (Path(adapter_dir), resolve_base(base, read[0]))
-    return add_task(PeftRoot(loaded.model), graph, task_name, overwrite=overwrite, reads=reads)
+
+    def add_labels(stage: Staging, contract, name: str) -> None:  # beside the labels of the graph's other tasks
+        if contract.heads:
+            labels = {**read_labels(graph), name: task_labels(read[0].path, loaded.model.get_base_model().config,
+                                                              contract)}
+            stage_labels(Path(graph), labels, stage)
+
+    return add_task(PeftRoot(loaded.model), graph, task_name, overwrite=overwrite, reads=reads, also=add_labels)
