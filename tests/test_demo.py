@@ -183,7 +183,7 @@ def test_the_page_runs_every_task_as_you_type_and_equals_the_python_runtime(web_
         assert url, line + server.stderr.read()
         request = tmp_path / "request.json"
         request.write_text(json.dumps({"sentences": SENTENCES}))
-        done = subprocess.run(["node", str(JS / "test" / "demo.page.mjs"), url[0], str(request),
+        done = subprocess.run(["node", str(JS / "scripts" / "drive-demo.mjs"), url[0], str(request),
                                str(tmp_path / "result.json"), str(screenshot)], capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

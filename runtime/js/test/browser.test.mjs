@@ -2,7 +2,6 @@
 // outputs. The page, vera.mjs, onnxruntime-web and the fixtures are served on 127.0.0.1.
 
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { createReadStream, existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import http from 'node:http';
@@ -11,6 +10,7 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 import { TOLERANCE, mismatches } from './cases.mjs';
+import { findChromium } from './chromium.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOTS = {
@@ -35,16 +35,6 @@ try {
 }
 </script>`;
 
-function chromium() {
-  if (process.env.CHROMIUM) return process.env.CHROMIUM;
-  for (const name of ['chromium', 'chromium-browser', 'google-chrome']) {
-    try {
-      return execFileSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' }).trim();
-    } catch { /* not this one */ }
-  }
-  return null;
-}
-
 function serve() {
   const server = http.createServer((request, response) => {
     const url = new URL(request.url, 'http://127.0.0.1');
@@ -59,7 +49,7 @@ function serve() {
   return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server)));
 }
 
-const browserPath = chromium();
+const browserPath = findChromium();
 const skip = !process.env.VERA_JS_FIXTURES ? 'set VERA_JS_FIXTURES (tests/test_js.py writes them)'
   : !browserPath ? 'no chromium: apt-get install chromium (or set CHROMIUM)' : false;
 

@@ -1,21 +1,18 @@
 // Drives the vera-run demo page in headless Chromium for tests/test_demo.py:
-//   node demo.page.mjs URL REQUEST.json RESULT.json SCREENSHOT.png
+//   node scripts/drive-demo.mjs URL REQUEST.json RESULT.json SCREENSHOT.png
 // REQUEST: {"sentences": [...]}. Types each sentence into the text box, then asks window.veraDemo for every
 // task's scores; records every URL the page requested; writes RESULT and a screenshot of the page.
 
-import { execFileSync } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
+
+import { findChromium } from '../test/chromium.mjs';
 
 const [url, requestPath, resultPath, screenshotPath] = process.argv.slice(2);
 
 function chromium() {
-  if (process.env.CHROMIUM) return process.env.CHROMIUM;
-  for (const name of ['chromium', 'chromium-browser', 'google-chrome']) {
-    try {
-      return execFileSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' }).trim();
-    } catch { /* not this one */ }
-  }
-  throw new Error('no chromium: apt-get install chromium (or set CHROMIUM)');
+  const found = findChromium();
+  if (!found) throw new Error('no chromium: apt-get install chromium (or set CHROMIUM)');
+  return found;
 }
 
 const { default: puppeteer } = await import('puppeteer-core');
