@@ -5,9 +5,10 @@ A VeRA layer adds ``Λb ⊙ B(Λd ⊙ A x)``, that is ``ΔW = (diag(Λb) B)(diag
 written is PEFT's ``save_pretrained`` format, and it is checked the way its users load it:
 ``PeftModel.from_pretrained`` over the base must reproduce the VeRA model before anything is in place.
 
-Steps: 1. load the VeRA model (a PEFT folder, a task file of one of our graphs, or a checkpoint) and its
-reference outputs; 2. the LoRA tensors and config; 3. write them to a scratch folder and load them with
-PEFT over the bare base; 4. compare, then move the folder into place (or refuse, leaving nothing).
+Steps (numbered in ``export_lora``): 1. the VeRA model (a PEFT folder, a task file of one of our graphs, or
+a checkpoint: ``_lora_sources``), its LoRA tensors and its outputs on generated inputs; 2. the LoRA written
+to a scratch folder beside the output and loaded with PEFT over the bare base; 3. the same outputs, then
+the folder moved into place, or a refusal that leaves nothing.
 """
 
 from __future__ import annotations
