@@ -1,5 +1,6 @@
 """vera_runtime: the torch-free side of vera-export (numpy, safetensors and onnxruntime only)."""
 
+from ._bank import BankError, TaskBank
 from ._contract import CONTRACT_VERSION, Contract, ContractError, HeadSpec, LayerSpec, fingerprint
 from ._errors import ClosedError, DeviceError, FeedError, GraphError, VeraError
 from ._feeds import InputInfo
@@ -18,6 +19,7 @@ from ._taskfile import (
 
 __all__ = [
     "ADAPTER_SUFFIX",
+    "BankError",
     "CONTRACT_VERSION",
     "ClosedError",
     "Contract",
@@ -31,6 +33,7 @@ __all__ = [
     "LayerSpec",
     "TASK_SUFFIX",
     "Task",
+    "TaskBank",
     "TaskFileError",
     "VeraError",
     "VeraSession",

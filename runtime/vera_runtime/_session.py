@@ -56,6 +56,9 @@ class VeraSession:
     with ``task=`` is specialised in the background while the factored graph keeps serving it; the least
     recently specialised task is dropped beyond ``hot_tasks``. Default: 1 when the template
     exists, else 0. Each hot task holds a session, so a copy of the weights, in memory.
+
+    ``bank``: a ``TaskBank`` file of this graph: ``task=``/``tasks=`` names that are not loaded are read
+    from it (the rows straight from the mapped file, each checked on first use), with no ``load_task``.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class VeraSession:
         threads: int | None = None,
         session_options: ort.SessionOptions | None = None,
         hot_tasks: int | None = None,
+        bank: str | os.PathLike | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         finish_publish(self.model_path)  # an export killed while renaming its files: finish it (checked) first
@@ -85,11 +89,21 @@ class VeraSession:
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.cache = CacheLayout.of(self._inputs, self.output_names)  # None: exported without --kv-cache
         self._token_ids = TokenIds.beside(self.model_path) if self.cache else TokenIds()  # read once, not per call
-        self._store = TaskStore(self.contract, self.device, self.model_path.name)
+        self._store = TaskStore(self.contract, self.device, self.model_path.name, self._open_bank(bank))
         self._hot = HotTasks(self.model_path, self.contract, self._store, options,
                              0 if self.device == "cuda" else hot_tasks)  # hot sessions run on the CPU
         self.hot_template = self._hot.template.path
         self._closed = False
+
+    def _open_bank(self, bank: str | os.PathLike | None):
+        """The bank at ``bank``, checked to be this graph's (BankError otherwise)."""
+        if bank is None:
+            return None
+        from ._bank import TaskBank
+
+        opened = TaskBank(bank)
+        opened.check_contract(self.contract)
+        return opened
 
     # -- lifetime ------------------------------------------------------------------------
 

@@ -36,8 +36,9 @@ class LoadedTask:
 class TaskStore:
     """Loaded tasks by name, for one graph (``contract``) on one device."""
 
-    def __init__(self, contract: Contract, device: str, graph_name: str) -> None:
+    def __init__(self, contract: Contract, device: str, graph_name: str, bank=None) -> None:
         self.contract = contract
+        self.bank = bank  # a TaskBank of this graph: names not loaded are looked up there
         self.device = device
         self._graph_name = graph_name
         self._task_inputs = tuple(contract.task_shapes())
@@ -78,9 +79,26 @@ class TaskStore:
 
     def get(self, name: str) -> LoadedTask:
         task = self._tasks.get(name)
+        if task is None and self.bank is not None:
+            task = self._from_bank(name)
         if task is None:
-            raise FeedError(f"task '{name}' is not loaded; loaded tasks: {sorted(self._tasks)}. Use load_task().")
+            where = f" nor in the bank {self.bank.path}" if self.bank is not None else ""
+            raise FeedError(
+                f"task '{name}' is not loaded{where}; loaded tasks: {sorted(self._tasks)}. Use load_task()."
+            )
         return task
+
+    def _from_bank(self, name: str) -> LoadedTask | None:
+        """A bank's task as views of its mapped row (checked on first use); not kept: the bank is the store."""
+        tensors = self.bank.tensors(name)
+        if tensors is None:
+            return None
+        feeds = {key: tensors[key][None] for key in self._task_inputs}
+        on_device = None
+        if self.device == "cuda":
+            on_device = {key: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0)
+                         for key, v in feeds.items()}
+        return LoadedTask(name, self.bank.path, feeds, on_device)
 
     def feeds(self, task: str | None, tasks: Sequence[str] | None, batch: int) -> dict:
         """The task inputs of a run: ``task`` for the whole batch, ``tasks`` one per row, or neither (the

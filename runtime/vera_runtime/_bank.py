@@ -1,0 +1,288 @@
+"""``TaskBank``: many tasks of one graph in one memory-mapped, append-only file.
+
+A task is one row: its task tensors, float32, concatenated in the graph's task-input order. The file is a
+header (the graph's fingerprint and the row layout) followed by records, each an add (name, row, SHA-256
+of name and row) or a removal (name), closed by an end mark written after the rest. So:
+
+- an add never rewrites the file; a writer killed mid-add leaves a record without its end mark, which
+  readers skip and the next writer cuts off: the bank is as before, or has the task;
+- readers map the file: memory grows with the rows a run touches, not with the bank; a name is found in
+  a dict (built by one pass over the record headers, then kept up to date by reading only what was
+  appended); a row's digest is checked the first time it is used;
+- other processes see an add or a removal within ``REFRESH_S`` without reopening;
+- ``compact()`` rewrites the live rows to a new file and renames it over the bank; readers notice the
+  new file and map it.
+Writers take an exclusive ``flock`` on the file for the length of an add, a removal or a compaction.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ._contract import Contract
+from ._errors import VeraError
+from ._io import atomic_path
+from ._taskfile import Task, check_task, check_task_name
+
+MAGIC = b"VERABANK"
+VERSION = 1
+_PAGE = 4096  # the header is padded to whole pages: rows start page-aligned
+_RECORD = struct.Struct("<4sBB2xQ64s")  # mark, kind, name length, row bytes, name
+_RECORD_MARK, _END_MARK = b"VREC", b"VEND"
+_ADD, _REMOVE = 1, 2
+_DIGEST_BYTES = 32
+_MAX_HEADER = 64 << 20
+REFRESH_S = 0.5  # how stale a reader's view of the file may be
+
+
+class BankError(VeraError, ValueError):
+    """A bank file that is not a bank, belongs to another graph, or holds a damaged row."""
+
+
+def _header(contract: Contract) -> bytes:
+    """The bank's graph: its contract (the same metadata the graph holds), padded to whole pages."""
+    text = json.dumps(contract.to_metadata(), sort_keys=True).encode()
+    head = MAGIC + struct.pack("<IQ", VERSION, len(text)) + text
+    return head.ljust(-(-len(head) // _PAGE) * _PAGE, b"\0")
+
+
+def _read_header(file, source: str) -> tuple[Contract, int]:
+    """The contract a bank is for, and where its records start."""
+    head = file.read(20)
+    if len(head) < 20 or head[:8] != MAGIC:
+        raise BankError(f"{source} is not a task bank (made by TaskBank.create or `vera-run bank create`).")
+    version, size = struct.unpack("<IQ", head[8:])
+    if version != VERSION:
+        raise BankError(f"{source} is a task bank of version {version}; this runtime reads version {VERSION}.")
+    if size > _MAX_HEADER:
+        raise BankError(f"{source} declares a {size:,}-byte header: it is damaged.")
+    text = file.read(size)
+    try:
+        contract = Contract.from_metadata(json.loads(text), source)
+    except (ValueError, TypeError) as exc:
+        raise BankError(f"{source} has a damaged header ({exc}).") from exc
+    return contract, -(-(20 + size) // _PAGE) * _PAGE
+
+
+def _digest(name: bytes, row: bytes) -> bytes:
+    return hashlib.sha256(name + b"\0" + row).digest()
+
+
+class TaskBank:
+    """Tasks of one graph by name, in one file at ``path`` (see the module's docstring)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._file = None
+        self._open()
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, graph: Contract | object) -> TaskBank:
+        """A new, empty bank for ``graph`` (a ``Contract``, or anything with a ``.contract``, e.g. a VeraSession)."""
+        contract = graph if isinstance(graph, Contract) else graph.contract
+        path = Path(path)
+        if path.exists():
+            raise BankError(f"{path} exists: give a new path for the bank (TaskBank(path) opens it).")
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(_header(contract))
+        return cls(path)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        file = open(self.path, "rb")  # noqa: SIM115 - kept open for the mapping's lifetime
+        try:
+            self.contract, self._start = _read_header(file, str(self.path))
+        except BaseException:
+            file.close()
+            raise
+        self._shapes = self.contract.task_shapes()
+        self._floats = sum(int(np.prod(shape)) for shape in self._shapes.values())
+        if self._file is not None:
+            self._file.close()
+        self._file, self._inode = file, os.fstat(file.fileno()).st_ino
+        self._map, self._scanned, self._index, self._checked = None, self._start, {}, set()
+        self._refreshed = 0.0
+        self._refresh(force=True)
+
+    def _refresh(self, force: bool = False) -> None:
+        """Read what was appended (or the new file a compaction renamed in) since the last look."""
+        now = time.monotonic()
+        if not force and now - self._refreshed < REFRESH_S:
+            return
+        self._refreshed = now
+        try:
+            if os.stat(self.path).st_ino != self._inode:
+                return self._open()
+        except FileNotFoundError:
+            pass
+        size = os.fstat(self._file.fileno()).st_size
+        if size > (len(self._map) if self._map is not None else 0):
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._scanned = self._scan(self._scanned, size)
+
+    def _records(self, start: int, size: int) -> Iterator[tuple[int, str, int, int]]:
+        """(kind, name, row offset, end) of every complete record from ``start``; stops at a torn tail."""
+        row_bytes, at = self._floats * 4, start
+        while at + _RECORD.size <= size:
+            mark, kind, length, payload, raw = _RECORD.unpack_from(self._map, at)
+            end = at + _RECORD.size + payload + _DIGEST_BYTES + len(_END_MARK)
+            if (mark != _RECORD_MARK or kind not in (_ADD, _REMOVE) or payload != (row_bytes if kind == _ADD else 0)
+                    or end > size or self._map[end - 4:end] != _END_MARK or not 0 < length <= 64):
+                return
+            yield kind, raw[:length].decode("utf-8", "replace"), at + _RECORD.size, end
+            at = end
+
+    def _scan(self, start: int, size: int) -> int:
+        scanned = start
+        for kind, name, row, end in self._records(start, size):
+            if kind == _ADD:
+                self._index[name] = row
+            else:
+                self._index.pop(name, None)
+            self._checked.discard(name)
+            scanned = end
+        return scanned
+
+    def check_contract(self, contract: Contract) -> None:
+        if contract.fingerprint != self.contract.fingerprint or contract.task_shapes() != self._shapes:
+            raise BankError(
+                f"{self.path} is a bank for another graph (fingerprint {self.contract.fingerprint[:12]}, this graph"
+                f" has {contract.fingerprint[:12]}): make a bank for this graph with TaskBank.create."
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            if name not in self._index:
+                self._refresh(force=True)
+            else:
+                self._refresh()
+            return name in self._index
+
+    def names(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            self._refresh()
+            return sorted(name for name in self._index if name.startswith(prefix))
+
+    def row(self, name: str) -> np.ndarray | None:
+        """Task ``name``'s row (float32, read-only, mapped), its digest checked on first use; None if absent."""
+        with self._lock:
+            if name not in self:
+                return None
+            offset = self._index[name]
+            size = self._floats * 4
+            row = np.frombuffer(self._map, np.float32, self._floats, offset)
+            if name not in self._checked:
+                stored = self._map[offset + size:offset + size + _DIGEST_BYTES]
+                if _digest(name.encode(), self._map[offset:offset + size]) != stored:
+                    raise BankError(f"task '{name}' in {self.path} is damaged (its SHA-256 differs): add it again.")
+                self._checked.add(name)
+            return row
+
+    def tensors(self, name: str) -> dict[str, np.ndarray] | None:
+        """Task ``name`` as views of its row by task input name (shapes without the task dimension)."""
+        row = self.row(name)
+        if row is None:
+            return None
+        tensors, at = {}, 0
+        for input_name, shape in self._shapes.items():
+            count = int(np.prod(shape))
+            tensors[input_name] = row[at:at + count].reshape(shape)
+            at += count
+        return tensors
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add(self, name: str, source: str | os.PathLike | Mapping[str, np.ndarray]) -> None:
+        """Add (or replace) task ``name`` from a task file (native, .onnx_adapter or PEFT) or a mapping of the
+        names a native task file uses to arrays of its shapes; checked as ``load_task`` checks a file."""
+        check_task_name(name)
+        row = self._checked_row(source)
+        self._append(_ADD, name, row.tobytes())
+
+    def remove(self, name: str) -> None:
+        if name not in self:
+            raise BankError(f"no task '{name}' in {self.path}.")
+        self._append(_REMOVE, name, b"")
+
+    def _checked_row(self, source) -> np.ndarray:
+        if isinstance(source, Mapping):
+            tensors = {str(k): np.asarray(v) for k, v in source.items()}
+            check_task(Task("given", self.contract.fingerprint, tensors, self.contract.base_digest), self.contract,
+                       "the tensors given")
+        else:
+            from ._loaders import load_any_task
+
+            tensors = load_any_task(source, self.contract).tensors
+        return np.concatenate([np.ascontiguousarray(tensors[k], np.float32).ravel() for k in self._shapes])
+
+    def _append(self, kind: int, name: str, row: bytes) -> None:
+        raw = name.encode()
+        record = _RECORD.pack(_RECORD_MARK, kind, len(raw), len(row), raw) + row + _digest(raw, row)
+        with self._lock, open(self.path, "r+b") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            try:
+                self._truncate_torn_tail(file)
+                file.seek(0, os.SEEK_END)
+                file.write(record)
+                file.flush()
+                os.fsync(file.fileno())
+                file.write(_END_MARK)  # only now is the record part of the bank
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                fcntl.flock(file, fcntl.LOCK_UN)
+        self._refresh(force=True)
+
+    def _truncate_torn_tail(self, file) -> None:
+        """Cut off a record an earlier writer left without its end mark (killed mid-add)."""
+        self._refresh(force=True)
+        size = os.fstat(file.fileno()).st_size
+        if self._scanned < size:
+            file.truncate(self._scanned)
+
+    def compact(self) -> int:
+        """Rewrite the bank with its live tasks only; returns the bytes reclaimed."""
+        with self._lock, open(self.path, "r+b") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            try:
+                self._refresh(force=True)
+                before = os.fstat(file.fileno()).st_size
+                with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
+                    out.write(_header(self.contract))
+                    size = self._floats * 4
+                    for name, offset in self._index.items():
+                        raw = name.encode()
+                        out.write(_RECORD.pack(_RECORD_MARK, _ADD, len(raw), size, raw))
+                        out.write(self._map[offset:offset + size + _DIGEST_BYTES] + _END_MARK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    after = out.tell()
+            finally:
+                fcntl.flock(file, fcntl.LOCK_UN)
+        self._open()
+        return before - after
+
+    def close(self) -> None:
+        with self._lock:
+            self._map = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None

@@ -1,0 +1,241 @@
+"""TaskBank (issue 19, the library and VeraSession): many tasks of one graph in one mapped, append-only
+file, on the tiny encoder: runs from the bank equal the same tasks loaded from files, per call and per row;
+adds and removals while threads run; a writer killed mid-add; a flipped byte; another process's view."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import export_two_task_encoder
+from vera_runtime import BankError, FeedError, Task, TaskBank, TaskFileError, VeraSession, write_task
+
+BANK_TASKS = 10_000
+
+
+def _random_task(shapes: dict, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape) * 0.5).astype(np.float32) for name, shape in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory) -> Path:
+    return export_two_task_encoder(tmp_path_factory.mktemp("bank") / "encoder.onnx")
+
+
+@pytest.fixture(scope="module")
+def big_bank(graph, tmp_path_factory) -> Path:
+    """10,000 tasks drawn from their index as seed (task i: 'user<i>')."""
+    session = VeraSession(graph, device="cpu")
+    path = tmp_path_factory.mktemp("big") / "tasks.bank"
+    bank = TaskBank.create(path, session)
+    shapes = session.contract.task_shapes()
+    for i in range(BANK_TASKS):
+        bank.add(f"user{i}", _random_task(shapes, i))
+    return path
+
+
+def _feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, 100, (batch, 8)), "attention_mask": np.ones((batch, 8), np.int64)}
+
+
+def test_bank_tasks_equal_the_same_tasks_loaded_from_files_per_call_and_per_row(graph, big_bank, tmp_path):
+    banked = VeraSession(graph, device="cpu", bank=big_bank)
+    loaded = VeraSession(graph, device="cpu")
+    contract = loaded.contract
+    chosen = [f"user{i}" for i in np.random.default_rng(1).choice(BANK_TASKS, 8, replace=False)]
+    for name in chosen:
+        task = Task(name, contract.fingerprint, _random_task(contract.task_shapes(), int(name[4:])),
+                    contract.base_digest)
+        loaded.load_task(name, write_task(tmp_path / f"encoder.{name}.task.safetensors", task))
+    assert len(TaskBank(big_bank)) == BANK_TASKS and banked.tasks == ()  # nothing loaded: all from the bank
+    feeds = _feeds(8)
+    for name in chosen:
+        np.testing.assert_array_equal(banked.run(feeds, task=name)["logits"], loaded.run(feeds, task=name)["logits"])
+    per_row = banked.run(feeds, tasks=chosen)["logits"]
+    np.testing.assert_array_equal(per_row, loaded.run(feeds, tasks=chosen)["logits"])
+    alone = [banked.run({k: v[i:i + 1] for k, v in feeds.items()}, task=name)["logits"][0]
+             for i, name in enumerate(chosen)]
+    np.testing.assert_allclose(per_row, np.stack(alone), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(per_row[0], banked.run(feeds, task=chosen[1])["logits"][0])  # tasks differ
+
+
+def test_a_name_in_neither_place_says_both(graph, big_bank):
+    with pytest.raises(FeedError, match=r"task 'nobody' is not loaded nor in the bank .*tasks.bank"):
+        VeraSession(graph, device="cpu", bank=big_bank).run(_feeds(1), task="nobody")
+
+
+def test_a_bank_of_another_graph_is_refused(big_bank, tmp_path):
+    import vera_models
+    from vera_export import export
+
+    other = tmp_path / "decoder.onnx"
+    export(vera_models.make_task(vera_models.build("tiny-encoder", seed=7), 1), other)
+    with pytest.raises(BankError, match=r"is a bank for another graph"):
+        VeraSession(other, device="cpu", bank=big_bank)
+
+
+def test_sources_are_checked_and_a_bad_one_changes_nothing(graph, tmp_path):
+    session = VeraSession(graph, device="cpu")
+    bank = TaskBank.create(tmp_path / "b.bank", session)
+    bank.add("first", graph.with_name("encoder.first.task.safetensors"))
+    bank.add("adapter", graph.with_name("encoder.second.onnx_adapter"))
+    size = bank.path.stat().st_size
+    shapes = session.contract.task_shapes()
+    bad = _random_task(shapes, 0)
+    bad[next(iter(bad))] = bad[next(iter(bad))][:-1]
+    with pytest.raises(TaskFileError, match=r"the tensors given: tensor '.*' is float32\[63\], the graph needs"):
+        bank.add("bad", bad)
+    with pytest.raises(TaskFileError):
+        bank.add("nan", {**_random_task(shapes, 0), next(iter(shapes)): np.full(shapes[next(iter(shapes))], np.nan,
+                                                                                 np.float32)})
+    assert bank.path.stat().st_size == size and bank.names() == ["adapter", "first"]
+    session.load_task("second", graph.with_name("encoder.second.task.safetensors"))
+    from_bank = VeraSession(graph, device="cpu", bank=bank.path).run(_feeds(2), task="adapter")["logits"]
+    np.testing.assert_array_equal(from_bank, session.run(_feeds(2), task="second")["logits"])
+
+
+def test_adds_and_removals_while_eight_threads_run(graph, tmp_path):
+    session = VeraSession(graph, device="cpu")
+    shapes = session.contract.task_shapes()
+    bank = TaskBank.create(tmp_path / "b.bank", session)
+    stable = [f"s{i}" for i in range(16)]
+    for i, name in enumerate(stable):
+        bank.add(name, _random_task(shapes, i))
+    banked = VeraSession(graph, device="cpu", bank=bank.path)
+    feeds = _feeds(4)
+    expected = {name: banked.run(feeds, task=name)["logits"] for name in stable}
+    errors, stop = [], threading.Event()
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            rows = [stable[i] for i in rng.integers(0, len(stable), 4)]
+            got = banked.run(feeds, tasks=rows)["logits"]
+            for row, name in enumerate(rows):
+                if not np.allclose(got[row], expected[name][row], rtol=1e-5, atol=1e-6):
+                    errors.append(f"row {row} of {rows}")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for i in range(200):  # meanwhile: other tasks come and go, one compaction
+        bank.add(f"t{i}", _random_task(shapes, 100 + i))
+        if i % 2:
+            bank.remove(f"t{i - 1}")
+        if i == 100:
+            bank.compact()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(TaskBank(bank.path)) == 16 + 100 and "t199" in bank and "t198" not in bank
+
+
+_ADDER = textwrap.dedent("""
+    import sys, numpy as np
+    from vera_runtime import TaskBank
+    bank = TaskBank(sys.argv[1])
+    shapes = bank.contract.task_shapes()
+    print("ready", flush=True)
+    i = 0
+    while True:
+        bank.add(f"k{i}", {n: np.full(s, i, np.float32) for n, s in shapes.items()})
+        i += 1
+""")
+
+
+def test_a_writer_killed_mid_add_leaves_the_bank_as_before_or_with_the_task(graph, tmp_path):
+    bank = TaskBank.create(tmp_path / "b.bank", VeraSession(graph, device="cpu"))
+    for attempt in range(5):
+        adder = subprocess.Popen([sys.executable, "-c", _ADDER, str(bank.path)], stdout=subprocess.PIPE, text=True)
+        assert adder.stdout.readline().strip() == "ready"
+        time.sleep(0.2 + 0.07 * attempt)
+        os.kill(adder.pid, signal.SIGKILL)
+        adder.wait()
+        reopened = TaskBank(bank.path)
+        for name in reopened.names(prefix="k"):  # every task it lists is whole and holds what was added
+            assert np.all(reopened.row(name) == float(name[1:])), name
+        zeros = {n: np.zeros(s, np.float32) for n, s in reopened.contract.task_shapes().items()}
+        reopened.add(f"after{attempt}", zeros)
+        assert f"after{attempt}" in TaskBank(bank.path)
+    # a torn tail, as a writer killed between its record and the end mark leaves it
+    with open(bank.path, "ab") as file:
+        file.write(b"VREC\x01\x04" + b"\0" * 40)
+    count = len(TaskBank(bank.path))
+    bank.add("last", {n: np.ones(s, np.float32) for n, s in bank.contract.task_shapes().items()})
+    assert len(TaskBank(bank.path)) == count + 1 and "last" in TaskBank(bank.path)
+
+
+def test_a_flipped_byte_in_a_row_is_refused_on_use(graph, tmp_path):
+    session = VeraSession(graph, device="cpu")
+    bank = TaskBank.create(tmp_path / "b.bank", session)
+    shapes = session.contract.task_shapes()
+    for i in range(3):
+        bank.add(f"t{i}", _random_task(shapes, i))
+    offset = bank._index["t1"] + 100
+    with open(bank.path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0x10]))
+    banked = VeraSession(graph, device="cpu", bank=bank.path)
+    banked.run(_feeds(1), task="t0")
+    with pytest.raises(BankError, match=r"task 't1' in .*b.bank is damaged \(its SHA-256 differs\): add it again"):
+        banked.run(_feeds(1), task="t1")
+    with pytest.raises(BankError, match="damaged"):
+        banked.run(_feeds(2), tasks=["t0", "t1"])
+    banked.run(_feeds(1), task="t2")
+
+
+_READER = textwrap.dedent("""
+    import sys, time
+    from vera_runtime import TaskBank
+    bank = TaskBank(sys.argv[1])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.monotonic()
+    while "newcomer" not in bank.names():  # names() refreshes at most every REFRESH_S
+        time.sleep(0.01)
+    print(time.monotonic() - start, flush=True)
+""")
+
+
+def test_another_process_sees_an_add_within_a_second_without_reopening(graph, tmp_path):
+    bank = TaskBank.create(tmp_path / "b.bank", VeraSession(graph, device="cpu"))
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(bank.path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"
+    reader.stdin.write("go\n")
+    reader.stdin.flush()
+    bank.add("newcomer", {n: np.ones(s, np.float32) for n, s in bank.contract.task_shapes().items()})
+    seen_after = float(reader.stdout.readline())
+    reader.wait(timeout=10)
+    assert seen_after < 1.0
+
+
+def test_compaction_reclaims_removed_rows_and_keeps_the_others(graph, tmp_path):
+    session = VeraSession(graph, device="cpu")
+    bank = TaskBank.create(tmp_path / "b.bank", session)
+    shapes = session.contract.task_shapes()
+    for i in range(50):
+        bank.add(f"t{i}", _random_task(shapes, i))
+    kept = {f"t{i}": bank.row(f"t{i}").copy() for i in range(0, 50, 2)}
+    for i in range(1, 50, 2):
+        bank.remove(f"t{i}")
+    size = bank.path.stat().st_size
+    reclaimed = bank.compact()
+    assert reclaimed > 0 and bank.path.stat().st_size == size - reclaimed
+    assert bank.names() == sorted(kept) and all(np.array_equal(bank.row(n), row) for n, row in kept.items())
+    row_bytes = sum(int(np.prod(s)) for s in shapes.values()) * 4
+    assert bank.path.stat().st_size <= 4096 + 25 * row_bytes * 1.2  # bank bytes <= 1.2x the raw vectors
