@@ -239,3 +239,24 @@ def test_compaction_reclaims_removed_rows_and_keeps_the_others(graph, tmp_path):
     assert bank.names() == sorted(kept) and all(np.array_equal(bank.row(n), row) for n, row in kept.items())
     row_bytes = sum(int(np.prod(s)) for s in shapes.values()) * 4
     assert bank.path.stat().st_size <= 4096 + 25 * row_bytes * 1.2  # bank bytes <= 1.2x the raw vectors
+
+
+def test_vera_run_bank_commands_and_run_from_a_bank(graph, tmp_path, capsys):
+    from vera_runtime.cli import main as vera_run
+
+    bank = str(tmp_path / "cli.bank")
+    assert vera_run(["bank", "create", bank, "--graph", str(graph)]) == 0
+    first, second = (str(graph.with_name(f"encoder.{t}.task.safetensors")) for t in ("first", "second"))
+    assert vera_run(["bank", "add", bank, f"a1={first}", f"a2={second}", f"b1={first}"]) == 0
+    assert vera_run(["bank", "remove", bank, "b1"]) == 0
+    capsys.readouterr()
+    assert vera_run(["bank", "list", bank, "--prefix", "a"]) == 0
+    assert capsys.readouterr().out.split() == ["a1", "a2"]
+    assert vera_run(["bank", "compact", bank]) == 0 and "Reclaimed" in capsys.readouterr().out
+    np.savez(tmp_path / "x.npz", **_feeds(2))
+    assert vera_run(["run", str(graph), "--input", str(tmp_path / "x.npz"), "--task", "a2", "--bank", bank]) == 0
+    assert "logits" in capsys.readouterr().out
+    assert vera_run(["bank", "add", bank, "bad=nowhere.task.safetensors"]) == 1
+    assert "nowhere.task.safetensors" in capsys.readouterr().err
+    assert vera_run(["bank", "create", bank, "--graph", str(graph)]) == 1
+    assert "exists: give a new path" in capsys.readouterr().err

@@ -95,6 +95,11 @@ class VeraSession:
         self.hot_template = self._hot.template.path
         self._closed = False
 
+    @property
+    def bank(self):
+        """The ``TaskBank`` given as ``bank=``, or None."""
+        return self._store.bank
+
     def _open_bank(self, bank: str | os.PathLike | None):
         """The bank at ``bank``, checked to be this graph's (BankError otherwise)."""
         if bank is None:

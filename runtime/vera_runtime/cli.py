@@ -5,6 +5,7 @@
     vera-run compare m.onnx --input x.npz         run one input with every task: a table
     vera-run generate m.onnx --prompt "…" --task T  generate text (a graph exported with --kv-cache)
     vera-run demo m.web.onnx [--port P]           a page on 127.0.0.1: every task as you type
+    vera-run bank create|add|list|remove|compact BANK ...   many tasks of one graph in one file
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _quiet_options(args):
 
 
 def _session(args) -> VeraSession:
-    session = VeraSession(args.graph, device=args.device, session_options=_quiet_options(args))
+    session = VeraSession(args.graph, device=args.device, session_options=_quiet_options(args), bank=args.bank)
     session.load_tasks_beside()
     for entry in getattr(args, "task_files", None) or []:
         name, _, path = entry.partition("=")
@@ -73,7 +74,7 @@ def _session(args) -> VeraSession:
 def _require_loaded(session: VeraSession, names: list[str], graph: str) -> None:
     """A task the command names must be one of the task files beside the graph or a --load."""
     for name in names:
-        if name not in session.tasks:
+        if name not in session.tasks and (session.bank is None or name not in session.bank):
             raise FeedError(
                 f"no task '{printable(name, 64)}': the tasks beside {graph} are {sorted(session.tasks)}; load"
                 f" another with --load {printable(name, 64)}=PATH (a task file, .onnx_adapter or PEFT"
@@ -87,12 +88,17 @@ def _summary(array: np.ndarray, width: int = 4) -> str:
     return f"{list(np.shape(array))} [{values}{' ...' if flat.size > width else ''}]"
 
 
+def _contract_of(graph: str, args) -> Contract:
+    """A graph's contract, read without a VeraSession (which would finish an interrupted publish)."""
+    if problem := file_problem(graph):
+        raise FileNotFoundError(f"graph file {graph} {problem}.")
+    ort_session, _ = create_session(graph, "cpu", _quiet_options(args))
+    return Contract.from_metadata(ort_session.get_modelmeta().custom_metadata_map, graph)
+
+
 def _cmd_tasks(args) -> None:
     """Read only: unlike a VeraSession, it neither finishes an interrupted publish nor builds anything."""
-    if problem := file_problem(args.graph):
-        raise FileNotFoundError(f"graph file {args.graph} {problem}.")
-    ort_session, _ = create_session(args.graph, "cpu", _quiet_options(args))
-    contract = Contract.from_metadata(ort_session.get_modelmeta().custom_metadata_map, args.graph)
+    contract = _contract_of(args.graph, args)
     print(f"{printable(args.graph, 400)}: default task '{contract.default_task}'")
     if journal := pending_journal(args.graph):
         print(f"  note: {printable(journal.name)} records an export interrupted while it put its files in place;"
@@ -154,12 +160,7 @@ def _cmd_generate(args) -> None:
 def _cmd_demo(args) -> None:
     from ._demo import demo_files, find_js, make_server
 
-    if problem := file_problem(args.graph):
-        raise FileNotFoundError(f"graph file {args.graph} {problem}.")
-    ort_session, _ = create_session(args.graph, "cpu", _quiet_options(args))
-    contract = Contract.from_metadata(ort_session.get_modelmeta().custom_metadata_map, args.graph)
-    del ort_session
-    files = demo_files(args.graph, contract, find_js(args.js))
+    files = demo_files(args.graph, _contract_of(args.graph, args), find_js(args.js))
     server = make_server(files, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"Serving {printable(args.graph, 400)} with {len(files.manifest['tasks'])} tasks at"
@@ -170,6 +171,35 @@ def _cmd_demo(args) -> None:
         print("Stopped.")
     finally:
         server.server_close()
+
+
+def _cmd_bank(args) -> None:
+    """create, add, list, remove, compact: a TaskBank file, torch-free."""
+    from ._bank import TaskBank
+
+    if args.action == "create":
+        if not args.graph:
+            raise FeedError("bank create needs the graph the bank is for: --graph m.onnx.")
+        bank = TaskBank.create(args.bank, _contract_of(args.graph, args))
+        print(f"Created {printable(args.bank, 400)} for {printable(args.graph, 400)}")
+        return
+    bank = TaskBank(args.bank)
+    if args.action == "add":
+        for entry in args.items:
+            name, _, path = entry.partition("=")
+            if not name or not path:
+                raise FeedError(f"{printable(entry, 200)!r}: give NAME=TASK_FILE.")
+            bank.add(name, path)
+        print(f"Added {len(args.items)} task(s); {len(bank)} in the bank")
+    elif args.action == "remove":
+        for name in args.items:
+            bank.remove(name)
+        print(f"Removed {len(args.items)} task(s); {len(bank)} in the bank")
+    elif args.action == "compact":
+        print(f"Reclaimed {bank.compact():,} bytes; {len(bank)} tasks")
+    else:
+        for name in bank.names(args.prefix or ""):
+            print(name)
 
 
 def _message(exc: Exception) -> str:
@@ -189,6 +219,7 @@ def _graph_command(commands, name: str, func, text: str, inputs: bool = True) ->
     command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     command.add_argument("--load", dest="task_files", action="append", metavar="NAME=PATH",
                          help="also load this task file (native, .onnx_adapter or PEFT adapter_model.safetensors)")
+    command.add_argument("--bank", help="a task bank of this graph: task names not loaded are read from it")
     command.set_defaults(func=func)
     return command
 
@@ -222,6 +253,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--js", help="the repository's runtime/js folder, after npm ci (default: found beside the"
                                    " package, $VERA_JS or ./runtime/js)")
     demo.set_defaults(func=_cmd_demo)
+    bank = commands.add_parser("bank", help="a task bank: many tasks of one graph in one file")
+    bank.add_argument("action", choices=["create", "add", "list", "remove", "compact"])
+    bank.add_argument("bank", help="the bank file")
+    bank.add_argument("items", nargs="*", metavar="ITEM", help="add: NAME=TASK_FILE ...; remove: NAME ...")
+    bank.add_argument("--graph", help="create: the graph the bank is for")
+    bank.add_argument("--prefix", help="list: only names that start with it")
+    bank.set_defaults(func=_cmd_bank)
     return parser
 
 
