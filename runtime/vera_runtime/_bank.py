@@ -38,7 +38,7 @@ from ._taskfile import Task, check_task, check_task_name
 MAGIC = b"VERABANK"
 VERSION = 1
 _PAGE = 4096  # the header is padded to whole pages: rows start page-aligned
-_RECORD = struct.Struct("<4sBB2xQ64s")  # mark, kind, name length, row bytes, name
+_RECORD = struct.Struct("<4sBB2xQ136s")  # mark, kind, name length, row bytes, name (`[namespace/]task`)
 _RECORD_MARK, _END_MARK = b"VREC", b"VEND"
 _ADD, _REMOVE = 1, 2
 _DIGEST_BYTES = 32
@@ -73,6 +73,14 @@ def _read_header(file, source: str) -> tuple[Contract, int]:
     except (ValueError, TypeError) as exc:
         raise BankError(f"{source} has a damaged header ({exc}).") from exc
     return contract, -(-(20 + size) // _PAGE) * _PAGE
+
+
+def check_bank_name(name: str) -> str:
+    """A task's name in a bank: a task name, or ``namespace/task`` (a tenant's), each part a task name."""
+    parts = name.split("/", 1) if isinstance(name, str) else [name]
+    for part in parts:
+        check_task_name(part)
+    return name
 
 
 def _digest(name: bytes, row: bytes) -> bytes:
@@ -140,7 +148,7 @@ class TaskBank:
             mark, kind, length, payload, raw = _RECORD.unpack_from(self._map, at)
             end = at + _RECORD.size + payload + _DIGEST_BYTES + len(_END_MARK)
             if (mark != _RECORD_MARK or kind not in (_ADD, _REMOVE) or payload != (row_bytes if kind == _ADD else 0)
-                    or end > size or self._map[end - 4:end] != _END_MARK or not 0 < length <= 64):
+                    or end > size or self._map[end - 4:end] != _END_MARK or not 0 < length <= _RECORD.size - 16):
                 return
             yield kind, raw[:length].decode("utf-8", "replace"), at + _RECORD.size, end
             at = end
@@ -211,9 +219,10 @@ class TaskBank:
     # -- writing -------------------------------------------------------------------------------
 
     def add(self, name: str, source: str | os.PathLike | Mapping[str, np.ndarray]) -> None:
-        """Add (or replace) task ``name`` from a task file (native, .onnx_adapter or PEFT) or a mapping of the
-        names a native task file uses to arrays of its shapes; checked as ``load_task`` checks a file."""
-        check_task_name(name)
+        """Add (or replace) task ``name`` (``task`` or ``namespace/task``) from a task file (native,
+        .onnx_adapter or PEFT) or a mapping of the names a native task file uses to arrays of its shapes;
+        checked as ``load_task`` checks a file. Nothing is written unless it passes."""
+        check_bank_name(name)
         row = self._checked_row(source)
         self._append(_ADD, name, row.tobytes())
 

@@ -67,8 +67,10 @@ class Request:
         return defaults, tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(self.feeds.items()))
 
 
-def parse_request(body, session: VeraSession, limits: Limits = Limits()) -> Request:
-    """A JSON body ``{"task"|"tasks": ..., "inputs": {...}}`` checked against the graph, its tasks and ``limits``."""
+def parse_request(body, session: VeraSession, limits: Limits = Limits(), resolve=None) -> Request:
+    """A JSON body ``{"task"|"tasks": ..., "inputs": {...}}`` checked against the graph, its tasks and ``limits``.
+    ``resolve(name)``: the session's name for a requested task, or None when it has none (404); by default,
+    a loaded task or one of the session's bank."""
     if not isinstance(body, Mapping) or not isinstance(body.get("inputs"), Mapping):
         raise RequestError(400, 'the body must be a JSON object {"task": NAME, "inputs": {input name: nested list}}.')
     unknown = sorted(set(body) - {"task", "tasks", "inputs"})
@@ -85,7 +87,8 @@ def parse_request(body, session: VeraSession, limits: Limits = Limits()) -> Requ
     if batch * per_row > limits.max_tokens:
         raise RequestError(413, f"the request has {batch} rows of {per_row} tokens, {batch * per_row:,} in all; this"
                                 f" server takes up to {limits.max_tokens:,} per request: send fewer rows per request.")
-    return Request(feeds, _row_tasks(body, batch, session), body.get("tasks", body.get("task")), per_row)
+    rows = _row_tasks(body, batch, session, resolve or (lambda name: _known(session, name)))
+    return Request(feeds, rows, body.get("tasks", body.get("task")), per_row)
 
 
 def _check_size(inputs: Mapping, infos: Mapping[str, InputInfo], limits: Limits) -> None:
@@ -105,7 +108,11 @@ def tokens_per_row(feeds: Mapping[str, np.ndarray], infos: Mapping[str, InputInf
     return max([1, *sizes])
 
 
-def _row_tasks(body: Mapping, batch: int, session: VeraSession) -> tuple[str | None, ...]:
+def _known(session: VeraSession, name: str) -> str | None:
+    return name if name in session.tasks or (session.bank is not None and name in session.bank) else None
+
+
+def _row_tasks(body: Mapping, batch: int, session: VeraSession, resolve) -> tuple[str | None, ...]:
     task, tasks = body.get("task"), body.get("tasks")
     if task is not None and tasks is not None:
         raise RequestError(400, "give 'task' for the whole request or 'tasks' (one per row), not both.")
@@ -115,15 +122,18 @@ def _row_tasks(body: Mapping, batch: int, session: VeraSession) -> tuple[str | N
         rows = tuple(tasks)
     else:
         raise RequestError(400, f"'tasks' must be a list of {batch} task names, one per row of the inputs.")
+    resolved = []
     for name in rows:
         if name is not None and not isinstance(name, str):
             raise RequestError(400, f"task names are strings; got {printable(name, 60)}.")
-        if name is not None and name not in session.tasks:
-            raise RequestError(404, f"task '{printable(name, 64)}' is not loaded; loaded tasks:"
-                                    f" {sorted(session.tasks)}.")
+        if name is not None and (found := resolve(name)) is None:
+            banked = session.bank is not None
+            listed = "GET /v1/tasks lists them" if banked else f"loaded tasks: {sorted(session.tasks)}"
+            raise RequestError(404, f"task '{printable(name, 64)}' is not loaded; {listed}.")
+        resolved.append(None if name is None else found)
     if None in rows and any(rows):
         raise RequestError(400, "name every row's task in 'tasks', or none (the graph's default task).")
-    return rows
+    return tuple(resolved)
 
 
 def run_batch(requests: list[Request], session: VeraSession, max_tokens: int = RUN_TOKENS) -> list:

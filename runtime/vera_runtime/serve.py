@@ -2,12 +2,16 @@
 
     vera-serve GRAPH [--load NAME=PATH]... [--tasks-beside] [--host 127.0.0.1] [--port 8000]
                [--replicas N] [--max-batch 16] [--batch-wait-ms 5] [--max-body-mb 8] [--max-rows 256]
-               [--max-tokens 16384] [--direct] [--address RAY_ADDRESS]
+               [--max-tokens 16384] [--direct] [--address RAY_ADDRESS] [--bank PATH [--tenants FILE]]
 
 HTTP API (JSON):
     POST /v1/run    {"task": NAME, "inputs": {...}} or {"tasks": [NAME per row], "inputs": {...}}
                     -> {"task": ..., "outputs": {name: nested list}}; header X-Vera-Batch: requests in its batch
     GET  /v1/tasks  -> {"tasks": [...], "default": NAME}
+    PUT  /v1/tasks/NAME  (body: a native task file or .onnx_adapter) adds it to the bank (--bank) -> 201
+    DELETE /v1/tasks/NAME  removes it; every replica serves (or stops serving) it within a second
+With --tenants FILE ({"API_KEY": "tenant"}), every request but /v1/health carries Authorization: Bearer KEY
+(401 otherwise) and a tenant lists, runs, adds and removes only its own tasks.
     GET  /v1/health -> {"status": "ok"}
     GET  /v1/stats  -> {"batches": {size: count}, "node": ID}  (of the replica that answers)
 Errors are 4xx with {"error": "..."} (413 beyond the body, row or token limits; 503 with Retry-After when
@@ -46,6 +50,16 @@ def _loads(entries: list[str] | None) -> dict[str, str]:
     return loads
 
 
+def _tenants(args) -> dict[str, str] | None:
+    if not args.tenants:
+        return None
+    if not args.bank:
+        raise ValueError("--tenants needs --bank: a tenant's tasks live in its namespace of the bank.")
+    from ._tenants import read_tenants
+
+    return read_tenants(args.tenants)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -73,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="no ingress: replicas take HTTP themselves (one Ray call less per request, but a"
                              " request whose replica dies gets Ray's 500 instead of a 503)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--bank", help="a task bank of GRAPH (vera-run bank create): tasks not loaded come from it,"
+                                       " and PUT/DELETE /v1/tasks/NAME add and remove tasks while serving")
+    parser.add_argument("--tenants", help='JSON {"API_KEY": "tenant", ...}: requests need a key, and each tenant'
+                                          " sees only its own tasks in the bank (needs --bank)")
     parser.add_argument("--loopback", action="store_true",
                         help="with --address: a cluster whose nodes all run on this machine (over 127.0.0.1)")
     return parser
@@ -81,10 +99,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     loads = _loads(args.load)
-    try:  # a bad graph or task file fails here, in one line, before Ray starts
-        session = VeraSession(args.graph, device="cpu")
+    try:  # a bad graph, task file, bank or tenants file fails here, in one line, before Ray starts
+        session = VeraSession(args.graph, device="cpu", bank=args.bank)
         for name, path in loads.items():
             session.load_task(name, path)
+        tenants = _tenants(args)
     except Exception as exc:
         print(f"vera-serve: error: {exc}", file=sys.stderr)
         return 1
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             os.path.abspath(args.graph), {k: os.path.abspath(v) for k, v in loads.items()}, args.tasks_beside,
             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, limits=Limits(args.max_rows, args.max_tokens),
             max_body=int(args.max_body_mb * (1 << 20)), replicas=args.replicas, replica_cpus=args.replica_cpus,
-            ingress=not args.direct)
+            ingress=not args.direct, bank=os.path.abspath(args.bank) if args.bank else None, tenants=tenants)
         serve.run(app, name="vera", route_prefix="/", blocking=False)
         print(f"vera-serve: serving {args.graph} on http://{args.host}:{args.port}/v1/run", flush=True)
         stop.wait()
