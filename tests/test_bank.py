@@ -260,3 +260,29 @@ def test_vera_run_bank_commands_and_run_from_a_bank(graph, tmp_path, capsys):
     assert "nowhere.task.safetensors" in capsys.readouterr().err
     assert vera_run(["bank", "create", bank, "--graph", str(graph)]) == 1
     assert "exists: give a new path" in capsys.readouterr().err
+
+
+def test_load_task_takes_the_same_mapping_and_a_bad_one_changes_nothing(graph):
+    session = VeraSession(graph, device="cpu")
+    shapes = session.contract.task_shapes()
+    session.load_task("given", _random_task(shapes, 5))
+    before = session.run(_feeds(2), task="given")["logits"]
+    bad = _random_task(shapes, 6)
+    del bad[next(iter(bad))]
+    with pytest.raises(TaskFileError, match=r"the tensors given"):
+        session.load_task("given", bad)
+    np.testing.assert_array_equal(session.run(_feeds(2), task="given")["logits"], before)
+
+
+def test_add_many_imports_in_bulk_and_checks_every_task_first(graph, tmp_path):
+    session = VeraSession(graph, device="cpu")
+    shapes = session.contract.task_shapes()
+    bank = TaskBank.create(tmp_path / "b.bank", session)
+    assert bank.add_many((f"t{i}", _random_task(shapes, i)) for i in range(300)) == 300
+    assert len(TaskBank(bank.path)) == 300 and np.array_equal(bank.tensors("t7")[next(iter(shapes))],
+                                                              _random_task(shapes, 7)[next(iter(shapes))])
+    size = bank.path.stat().st_size
+    bad = [("u0", _random_task(shapes, 0)), ("u1", {})]
+    with pytest.raises(TaskFileError):
+        bank.add_many(bad)
+    assert bank.path.stat().st_size == size and "u0" not in bank

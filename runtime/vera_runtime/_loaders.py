@@ -9,6 +9,7 @@ file's stored A and B are covered by the fingerprint, its λ only by the shape a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,16 @@ def _from_peft(path: Path, tensors: dict[str, np.ndarray], contract: Contract) -
     own = _peft_fingerprint(path, tensors, contract)
     task_tensors = {name: array for name, array in tensors.items() if name not in _PEFT_PROJECTIONS}
     return Task(path.parent.name, own, task_tensors)
+
+
+def task_tensors(source, contract: Contract) -> dict[str, np.ndarray]:
+    """A task's tensors from ``source``: a task file (as ``load_any_task`` reads it) or a mapping of the names
+    a native task file uses to arrays of its shapes, checked the same way (names, shapes, finite values)."""
+    if isinstance(source, Mapping):
+        tensors = {str(name): np.asarray(value) for name, value in source.items()}
+        check_task(Task("given", contract.fingerprint, tensors, contract.base_digest), contract, "the tensors given")
+        return tensors
+    return load_any_task(source, contract).tensors
 
 
 def load_any_task(path: str | Path, contract: Contract) -> Task:

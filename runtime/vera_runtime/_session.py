@@ -153,14 +153,15 @@ class VeraSession:
     def input_names(self) -> list[str]:
         return list(self._inputs)
 
-    def load_task(self, name: str, path: str | os.PathLike) -> None:
-        """Load (or replace) task ``name`` from a task file, an .onnx_adapter or a PEFT adapter file.
+    def load_task(self, name: str, source: str | os.PathLike | Mapping[str, np.ndarray]) -> None:
+        """Load (or replace) task ``name`` from a task file, an .onnx_adapter or a PEFT adapter file, or from
+        a mapping of the tensor names a native task file uses to arrays of its shapes.
 
-        The file is read and checked completely before anything changes: a failure raises
-        TaskFileError and leaves the session and every loaded task as they were.
+        It is read and checked completely before anything changes: a failure raises TaskFileError and
+        leaves the session and every loaded task as they were.
         """
         self._open()
-        self._install([self._store.read(name, path)])
+        self._install([self._store.read(name, source)])
 
     def load_tasks_beside(self) -> list[str]:
         """Load every task file of this graph found beside it (``<stem>.<task>.task.safetensors``).

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from ._contract import Contract
 from ._errors import FeedError
-from ._loaders import load_any_task
+from ._loaders import task_tensors
 from ._taskfile import check_task_name
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
@@ -28,7 +28,7 @@ _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
 @dataclasses.dataclass(frozen=True)
 class LoadedTask:
     name: str
-    path: Path
+    path: Path | None  # None: given as arrays
     feeds: dict[str, np.ndarray]  # task tensors as fed on the CPU: float32 [1, n], contiguous
     on_device: dict[str, ort.OrtValue] | None  # the same, copied once to the GPU
 
@@ -50,15 +50,17 @@ class TaskStore:
     def names(self) -> tuple[str, ...]:
         return tuple(self._tasks)
 
-    def read(self, name: str, path: str | os.PathLike) -> LoadedTask:
-        """Read and check a task file (native, .onnx_adapter or PEFT) as task ``name``; nothing changes."""
+    def read(self, name: str, source) -> LoadedTask:
+        """Read and check a task file (native, .onnx_adapter or PEFT), or a mapping of the tensor names a native
+        file uses to arrays, as task ``name``; nothing changes."""
         check_task_name(name)
-        task = load_any_task(path, self.contract)
-        feeds = {key: np.ascontiguousarray(task.tensors[key], dtype=np.float32)[None] for key in self._task_inputs}
+        tensors = task_tensors(source, self.contract)
+        feeds = {key: np.ascontiguousarray(tensors[key], dtype=np.float32)[None] for key in self._task_inputs}
+        path = Path(source) if isinstance(source, (str, os.PathLike)) else None
         on_device = None
         if self.device == "cuda":
             on_device = {key: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for key, value in feeds.items()}
-        return LoadedTask(name, Path(path), feeds, on_device)
+        return LoadedTask(name, path, feeds, on_device)
 
     def install(self, tasks: list[LoadedTask]) -> None:
         with self._lock:
