@@ -142,16 +142,22 @@ class TaskBank:
         self._scanned = self._scan(self._scanned, size)
 
     def _records(self, start: int, size: int) -> Iterator[tuple[int, str, int, int]]:
-        """(kind, name, row offset, end) of every complete record from ``start``; stops at a torn tail."""
-        row_bytes, at = self._floats * 4, start
-        while at + _RECORD.size <= size:
-            mark, kind, length, payload, raw = _RECORD.unpack_from(self._map, at)
+        """(kind, name, row offset, end) of every complete record from ``start``; stops at a torn tail.
+        Read with pread, not through the mapping: touching every record's pages would bring the whole bank
+        into this process's memory (the kernel maps pages around each one touched)."""
+        row_bytes, at, fd = self._floats * 4, start, self._file.fileno()
+        head = os.pread(fd, _RECORD.size, at)
+        while len(head) == _RECORD.size:
+            mark, kind, length, payload, raw = _RECORD.unpack(head)
             end = at + _RECORD.size + payload + _DIGEST_BYTES + len(_END_MARK)
             if (mark != _RECORD_MARK or kind not in (_ADD, _REMOVE) or payload != (row_bytes if kind == _ADD else 0)
-                    or end > size or self._map[end - 4:end] != _END_MARK or not 0 < length <= _RECORD.size - 16):
+                    or end > size or not 0 < length <= _RECORD.size - 16):
+                return
+            tail = os.pread(fd, len(_END_MARK) + _RECORD.size, end - len(_END_MARK))  # its end mark, the next head
+            if tail[:len(_END_MARK)] != _END_MARK:
                 return
             yield kind, raw[:length].decode("utf-8", "replace"), at + _RECORD.size, end
-            at = end
+            at, head = end, tail[len(_END_MARK):]
 
     def _scan(self, start: int, size: int) -> int:
         scanned = start
