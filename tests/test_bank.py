@@ -286,3 +286,29 @@ def test_add_many_imports_in_bulk_and_checks_every_task_first(graph, tmp_path):
     with pytest.raises(TaskFileError):
         bank.add_many(bad)
     assert bank.path.stat().st_size == size and "u0" not in bank
+
+
+_MEMORY = textwrap.dedent("""
+    import json, sys
+    from vera_runtime import TaskBank
+    def rss():
+        return int([l for l in open("/proc/self/status") if l.startswith("RssFile")][0].split()[1]) * 1024
+    before = rss()
+    bank = TaskBank(sys.argv[1])
+    opened = rss()
+    for i in range(1000):
+        bank.row(f"user{i}")
+    print(json.dumps({"open": opened - before, "touched": rss() - opened, "tasks": len(bank)}))
+""")
+
+
+def test_memory_grows_with_the_tasks_touched_not_with_the_bank(big_bank):
+    """10,000 rows (30 MB): opening maps none of them; touching 1,000 maps about their bytes."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", _MEMORY, str(big_bank)], capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout)
+    row_bytes = TaskBank(big_bank).row("user0").nbytes
+    assert measured["tasks"] == BANK_TASKS
+    assert measured["open"] < 0.1 * BANK_TASKS * row_bytes  # was the whole bank before headers were pread
+    assert 0.5 * 1000 * row_bytes < measured["touched"] < 2 * 1000 * row_bytes
