@@ -308,6 +308,12 @@ class TaskBank:
         self._open()
         return before - after
 
+    def prefetch(self) -> None:
+        """Ask the kernel to read the bank into its page cache, in the background (not into this process's
+        memory): the first use of a task then costs no disk read. For a server whose machine holds the bank."""
+        with self._lock:
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         with self._lock:
             self._map = None

@@ -67,6 +67,8 @@ class ModelReplica:
                  limits: Limits | None = None, max_body: int = DEFAULT_MAX_BODY, bank: str | None = None,
                  tenants: dict[str, str] | None = None) -> None:
         self.session = VeraSession(graph, device="cpu", session_options=_options(), bank=bank)
+        if self.session.bank is not None:
+            self.session.bank.prefetch()  # first uses then read the page cache, not the disk
         self.tenants = Tenants(tenants) if tenants else None
         if tasks_beside:
             self.session.load_tasks_beside()
