@@ -312,3 +312,22 @@ def test_memory_grows_with_the_tasks_touched_not_with_the_bank(big_bank):
     assert measured["tasks"] == BANK_TASKS
     assert measured["open"] < 0.1 * BANK_TASKS * row_bytes  # was the whole bank before headers were pread
     assert 0.5 * 1000 * row_bytes < measured["touched"] < 2 * 1000 * row_bytes
+
+
+def test_generate_takes_its_tasks_from_the_bank_per_row(tmp_path):
+    """A KV-cache decoder: generating with bank tasks equals generating with the same tasks loaded."""
+    import vera_models
+    from vera_export import export
+
+    graph = tmp_path / "decoder.onnx"
+    export(vera_models.make_task(vera_models.build("tiny-decoder"), 1), graph, kv_cache=True)
+    loaded = VeraSession(graph, device="cpu")
+    bank = TaskBank.create(tmp_path / "d.bank", loaded)
+    shapes = loaded.contract.task_shapes()
+    for name, seed in (("p", 1), ("q", 2)):
+        bank.add(name, _random_task(shapes, seed))
+        loaded.load_task(name, _random_task(shapes, seed))
+    banked = VeraSession(graph, device="cpu", bank=bank.path)
+    ids = np.random.default_rng(0).integers(0, 8192, (2, 5))
+    got = banked.generate(ids, tasks=["q", "p"], max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(got, loaded.generate(ids, tasks=["q", "p"], max_new_tokens=6, eos_token_id=[]))

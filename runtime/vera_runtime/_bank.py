@@ -17,6 +17,7 @@ Writers take an exclusive ``flock`` on the file for the length of an add, a remo
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import json
@@ -44,6 +45,7 @@ _ADD, _REMOVE = 1, 2
 _DIGEST_BYTES = 32
 _MAX_HEADER = 64 << 20
 REFRESH_S = 0.5  # how stale a reader's view of the file may be
+_VIEWS = 4096  # tasks whose per-input views are kept (a dict of views each: small)
 
 
 class BankError(VeraError, ValueError):
@@ -83,8 +85,10 @@ def check_bank_name(name: str) -> str:
     return name
 
 
-def _digest(name: bytes, row: bytes) -> bytes:
-    return hashlib.sha256(name + b"\0" + row).digest()
+def _digest(name: bytes, row) -> bytes:
+    digest = hashlib.sha256(name + b"\0")
+    digest.update(row)
+    return digest.digest()
 
 
 class TaskBank:
@@ -122,6 +126,7 @@ class TaskBank:
             self._file.close()
         self._file, self._inode = file, os.fstat(file.fileno()).st_ino
         self._map, self._scanned, self._index, self._checked = None, self._start, {}, set()
+        self._views: collections.OrderedDict[str, tuple[int, dict]] = collections.OrderedDict()
         self._refreshed = 0.0
         self._refresh(force=True)
 
@@ -202,25 +207,37 @@ class TaskBank:
                 return None
             offset = self._index[name]
             size = self._floats * 4
-            row = np.frombuffer(self._map, np.float32, self._floats, offset)
             if name not in self._checked:
-                stored = self._map[offset + size:offset + size + _DIGEST_BYTES]
-                if _digest(name.encode(), self._map[offset:offset + size]) != stored:
-                    raise BankError(f"task '{name}' in {self.path} is damaged (its SHA-256 differs): add it again.")
+                view = memoryview(self._map)
+                try:
+                    if _digest(name.encode(), view[offset:offset + size]) != view[offset + size:offset + size + 32]:
+                        raise BankError(f"task '{name}' in {self.path} is damaged (its SHA-256 differs): add it again.")
+                finally:
+                    view.release()
                 self._checked.add(name)
-            return row
+            return np.frombuffer(self._map, np.float32, self._floats, offset)
 
     def tensors(self, name: str) -> dict[str, np.ndarray] | None:
-        """Task ``name`` as views of its row by task input name (shapes without the task dimension)."""
-        row = self.row(name)
-        if row is None:
-            return None
-        tensors, at = {}, 0
-        for input_name, shape in self._shapes.items():
-            count = int(np.prod(shape))
-            tensors[input_name] = row[at:at + count].reshape(shape)
-            at += count
-        return tensors
+        """Task ``name`` as views of its row by task input name (shapes without the task dimension). The same
+        object while the task is unchanged (a few thousand recent ones are kept): callers may cache on it."""
+        with self._lock:
+            row = self.row(name)
+            if row is None:
+                return None
+            offset = self._index[name]
+            cached = self._views.get(name)
+            if cached is not None and cached[0] == offset:
+                self._views.move_to_end(name)
+                return cached[1]
+            tensors, at = {}, 0
+            for input_name, shape in self._shapes.items():
+                count = int(np.prod(shape))
+                tensors[input_name] = row[at:at + count].reshape(shape)
+                at += count
+            self._views[name] = (offset, tensors)
+            if len(self._views) > _VIEWS:
+                self._views.popitem(last=False)
+            return tensors
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from ._loaders import task_tensors
 from ._taskfile import check_task_name
 
 _ROW_CACHE = 32  # device copies of recent per-row task stacks, on CUDA
+_BANKED = 1024  # bank tasks whose feeds are kept ready (views of the mapped file: small)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +40,13 @@ class TaskStore:
     def __init__(self, contract: Contract, device: str, graph_name: str, bank=None) -> None:
         self.contract = contract
         self.bank = bank  # a TaskBank of this graph: names not loaded are looked up there
+        self._banked: collections.OrderedDict[str, tuple[dict, LoadedTask]] = collections.OrderedDict()
         self.device = device
         self._graph_name = graph_name
         self._task_inputs = tuple(contract.task_shapes())
         self._tasks: dict[str, LoadedTask] = {}
         self._row_stacks: collections.OrderedDict[tuple[str, ...], dict[str, ort.OrtValue]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # feeds() holds it while get() may read the bank
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -91,16 +93,27 @@ class TaskStore:
         return task
 
     def _from_bank(self, name: str) -> LoadedTask | None:
-        """A bank's task as views of its mapped row (checked on first use); not kept: the bank is the store."""
+        """A bank's task as views of its mapped row (checked on first use), made once per version of it."""
+        with self._lock:
+            return self._from_bank_locked(name)
+
+    def _from_bank_locked(self, name: str) -> LoadedTask | None:
         tensors = self.bank.tensors(name)
         if tensors is None:
             return None
+        known = self._banked.get(name)
+        if known is not None and known[0] is tensors:
+            return known[1]
         feeds = {key: tensors[key][None] for key in self._task_inputs}
         on_device = None
         if self.device == "cuda":
             on_device = {key: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", 0)
                          for key, v in feeds.items()}
-        return LoadedTask(name, self.bank.path, feeds, on_device)
+        loaded = LoadedTask(name, self.bank.path, feeds, on_device)
+        self._banked[name] = (tensors, loaded)
+        if len(self._banked) > _BANKED:
+            self._banked.popitem(last=False)
+        return loaded
 
     def feeds(self, task: str | None, tasks: Sequence[str] | None, batch: int) -> dict:
         """The task inputs of a run: ``task`` for the whole batch, ``tasks`` one per row, or neither (the
