@@ -44,6 +44,15 @@ def big_bank(graph, tmp_path_factory) -> Path:
     return path
 
 
+def _filled_bank(graph: Path, path: Path, count: int) -> tuple[TaskBank, dict]:
+    """A bank at ``path`` with tasks t0 … t<count-1> (task i drawn from seed i), and the task shapes."""
+    bank = TaskBank.create(path, VeraSession(graph, device="cpu"))
+    shapes = bank.contract.task_shapes()
+    for i in range(count):
+        bank.add(f"t{i}", _random_task(shapes, i))
+    return bank, shapes
+
+
 def _feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"input_ids": rng.integers(0, 100, (batch, 8)), "attention_mask": np.ones((batch, 8), np.int64)}
@@ -178,11 +187,7 @@ def test_a_writer_killed_mid_add_leaves_the_bank_as_before_or_with_the_task(grap
 
 
 def test_a_flipped_byte_in_a_row_is_refused_on_use(graph, tmp_path):
-    session = VeraSession(graph, device="cpu")
-    bank = TaskBank.create(tmp_path / "b.bank", session)
-    shapes = session.contract.task_shapes()
-    for i in range(3):
-        bank.add(f"t{i}", _random_task(shapes, i))
+    bank, _ = _filled_bank(graph, tmp_path / "b.bank", 3)
     offset = bank._index["t1"] + 100
     with open(bank.path, "r+b") as file:
         file.seek(offset)
@@ -225,11 +230,7 @@ def test_another_process_sees_an_add_within_a_second_without_reopening(graph, tm
 
 
 def test_compaction_reclaims_removed_rows_and_keeps_the_others(graph, tmp_path):
-    session = VeraSession(graph, device="cpu")
-    bank = TaskBank.create(tmp_path / "b.bank", session)
-    shapes = session.contract.task_shapes()
-    for i in range(50):
-        bank.add(f"t{i}", _random_task(shapes, i))
+    bank, shapes = _filled_bank(graph, tmp_path / "b.bank", 50)
     kept = {f"t{i}": bank.row(f"t{i}").copy() for i in range(0, 50, 2)}
     for i in range(1, 50, 2):
         bank.remove(f"t{i}")
