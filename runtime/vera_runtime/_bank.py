@@ -1,15 +1,16 @@
 """``TaskBank``: many tasks of one graph in one memory-mapped, append-only file.
 
 A task is one row: its task tensors, float32, concatenated in the graph's task-input order. The file is a
-header (the graph's fingerprint and the row layout) followed by records, each an add (name, row, SHA-256
-of name and row) or a removal (name), closed by an end mark written after the rest. So:
+header (the graph's contract) followed by records, each an add (name, row, SHA-256 of name and row) or a
+removal (name), closed by an end mark written once the rest is on disk (docs/contract.md). So:
 
 - an add never rewrites the file; a writer killed mid-add leaves a record without its end mark, which
   readers skip and the next writer cuts off: the bank is as before, or has the task;
 - readers map the file: memory grows with the rows a run touches, not with the bank; a name is found in
   a dict (built by one pass over the record headers, then kept up to date by reading only what was
   appended); a row's digest is checked the first time it is used;
-- other processes see an add or a removal within ``REFRESH_S`` without reopening;
+- other processes see changes without reopening: a lookup of an unknown name, ``len`` and ``names`` read
+  what was appended at once; a lookup of a known name does within ``REFRESH_S`` (so a removal takes that);
 - ``compact()`` rewrites the live rows to a new file and renames it over the bank; readers notice the
   new file and map it.
 Writers take an exclusive ``flock`` on the file for the length of an add, a removal or a compaction.
@@ -184,7 +185,7 @@ class TaskBank:
 
     def __len__(self) -> int:
         with self._lock:
-            self._refresh()
+            self._refresh(force=True)  # listings see every add and removal at once; lookups below within REFRESH_S
             return len(self._index)
 
     def __contains__(self, name: object) -> bool:
@@ -197,7 +198,7 @@ class TaskBank:
 
     def names(self, prefix: str = "") -> list[str]:
         with self._lock:
-            self._refresh()
+            self._refresh(force=True)
             return sorted(name for name in self._index if name.startswith(prefix))
 
     def row(self, name: str) -> np.ndarray | None:
