@@ -17,8 +17,9 @@ from test_serve import _serve
 
 from vera_runtime import TaskBank, VeraSession
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                                reason='ray[serve] is not installed (pip install "./runtime[serve]")')
+pytestmark = [pytest.mark.slow,  # two Ray Serve servers: ~45 s
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                 reason='ray[serve] is not installed (pip install "./runtime[serve]")')]
 
 KEYS = {"alice-0123456789abcdef": "alice", "bob-fedcba9876543210xyz": "bob"}
 ALICE, BOB = list(KEYS)

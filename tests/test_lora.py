@@ -230,6 +230,7 @@ def test_cli_prints_the_check_and_the_sizes(folders, tmp_path):
     assert failed.exit_code == 1 and "missing" in failed.output
 
 
+@pytest.mark.slow
 def test_onnxruntime_genai_builder_bakes_the_lora_and_generates_peft_veras_tokens(tmp_path):
     """The builder (fp32, CPU) with --extra_options adapter_path=LORA_DIR: greedy tokens equal PEFT VeRA's,
     and differ from the bare base's. GroupQueryAttention needs a head size that is a multiple of 16."""
