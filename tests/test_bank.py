@@ -332,3 +332,27 @@ def test_generate_takes_its_tasks_from_the_bank_per_row(tmp_path):
     ids = np.random.default_rng(0).integers(0, 8192, (2, 5))
     got = banked.generate(ids, tasks=["q", "p"], max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(got, loaded.generate(ids, tasks=["q", "p"], max_new_tokens=6, eos_token_id=[]))
+
+
+def test_tenants_files_and_keys(tmp_path):
+    """What vera-serve --tenants reads, and who a header says it is; messages never show a key."""
+    from vera_runtime._tenants import Tenants, TenantsError, namespaced, read_tenants
+
+    good = tmp_path / "tenants.json"
+    good.write_text('{"k-0123456789abcdefgh": "alice", "k-zyxwvutsrqponmlkjih": "bob"}')
+    tenants = Tenants(read_tenants(good))
+    assert tenants.tenant("Bearer k-0123456789abcdefgh") == "alice"
+    assert tenants.tenant("bearer k-zyxwvutsrqponmlkjih") == "bob"
+    wrong = (None, "", "Bearer", "Basic k-0123456789abcdefgh", "Bearer k-0123456789abcdefg", "k-0123456789abcdefgh")
+    for header in wrong:
+        assert tenants.tenant(header) is None, header
+    assert namespaced("alice", "mine") == "alice/mine" and namespaced(None, "mine") == "mine"
+    assert namespaced("alice", "../x") is None and namespaced("alice", "a/b") is None
+    cases = (('{"short": "alice"}', "shorter than 16"), ('{"k-0123456789abcdefgh": "a b"}', "names a tenant"),
+             ("[]", "expected a JSON object"), ("{}", "expected a JSON object"), ("{", "not a readable"))
+    for text, fragment in cases:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(TenantsError, match=fragment) as caught:
+            read_tenants(bad)
+        assert "k-0123456789abcdefgh" not in str(caught.value) and "short\"" not in str(caught.value)

@@ -12,6 +12,8 @@ import asyncio
 import collections
 import ctypes
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -164,9 +166,6 @@ class ModelReplica:
 def _add_from_bytes(bank, name: str, body: bytes) -> None:
     """Add a task file sent as bytes: written to a private scratch file named for its format (a safetensors
     file starts with its header's length and '{'; anything else is read as an .onnx_adapter), checked there."""
-    import tempfile
-    from pathlib import Path
-
     suffix = TASK_SUFFIX if body[8:9] == b"{" else ADAPTER_SUFFIX
     with tempfile.TemporaryDirectory(prefix="vera-put-") as folder:
         path = Path(folder) / f"body{suffix}"
