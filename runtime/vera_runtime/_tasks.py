@@ -145,8 +145,11 @@ class TaskStore:
         stacked = {key: np.concatenate([t.feeds[key] for t in loaded]) for key in self._task_inputs}
         if self.device != "cuda":
             return stacked
+        on_device = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in stacked.items()}
+        if any(name not in self._tasks for name in tasks):
+            return on_device  # bank tasks may change under their name: their stacks are not kept
         # one host->device copy per new combination of rows, then reused
-        self._row_stacks[tasks] = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in stacked.items()}
+        self._row_stacks[tasks] = on_device
         if len(self._row_stacks) > _ROW_CACHE:
             self._row_stacks.popitem(last=False)
         return self._row_stacks[tasks]
