@@ -356,3 +356,32 @@ def test_tenants_files_and_keys(tmp_path):
         with pytest.raises(TenantsError, match=fragment) as caught:
             read_tenants(bad)
         assert "k-0123456789abcdefgh" not in str(caught.value) and "short\"" not in str(caught.value)
+
+
+def test_an_add_waiting_for_the_lock_while_the_bank_is_compacted_lands_in_the_new_file(graph, tmp_path):
+    """A writer that opened the file before another process renamed a compacted bank in must not write to
+    the old, unlinked file (its task would be lost)."""
+    import fcntl
+    import shutil
+
+    bank, shapes = _filled_bank(graph, tmp_path / "b.bank", 2)
+    holder = open(bank.path, "r+b")  # noqa: SIM115 - the other process's lock, held below
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    adder = threading.Thread(target=bank.add, args=("late", _random_task(shapes, 9)))
+    adder.start()
+    time.sleep(0.5)  # the adder has opened the old file and waits for its lock
+    shutil.copyfile(bank.path, tmp_path / "new.bank")
+    os.replace(tmp_path / "new.bank", bank.path)  # what a compaction does, under the lock
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    adder.join(timeout=30)
+    assert TaskBank(bank.path).names() == ["late", "t0", "t1"]
+
+
+def test_forged_names_in_a_bank_file_are_never_indexed_or_listed(graph, tmp_path):
+    bank, shapes = _filled_bank(graph, tmp_path / "b.bank", 2)
+    bank.add("evil", _random_task(shapes, 3))
+    data = bank.path.read_bytes()
+    forged = data.replace(b"evil", b"\x1b[2J")  # a terminal escape where the name was
+    (tmp_path / "forged.bank").write_bytes(forged)
+    assert TaskBank(tmp_path / "forged.bank").names() == ["t0", "t1"]

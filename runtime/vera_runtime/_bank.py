@@ -19,6 +19,7 @@ Writers take an exclusive ``flock`` on the file for the length of an add, a remo
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -29,13 +30,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ._contract import Contract
 from ._errors import VeraError
 from ._io import atomic_path
-from ._taskfile import check_task_name
+from ._taskfile import check_task_name, is_task_name
 
 MAGIC = b"VERABANK"
 VERSION = 1
@@ -84,6 +86,10 @@ def check_bank_name(name: str) -> str:
     for part in parts:
         check_task_name(part)
     return name
+
+
+def _is_bank_name(name: str) -> bool:
+    return all(is_task_name(part) for part in name.split("/", 1))
 
 
 def _digest(name: bytes, row) -> bytes:
@@ -162,7 +168,9 @@ class TaskBank:
             tail = os.pread(fd, len(_END_MARK) + _RECORD.size, end - len(_END_MARK))  # its end mark, the next head
             if tail[:len(_END_MARK)] != _END_MARK:
                 return
-            yield kind, raw[:length].decode("utf-8", "replace"), at + _RECORD.size, end
+            name = raw[:length].decode("utf-8", "replace")
+            if _is_bank_name(name):  # a forged name is never indexed, listed or printed; the scan goes on
+                yield kind, name, at + _RECORD.size, end
             at, head = end, tail[len(_END_MARK):]
 
     def _scan(self, start: int, size: int) -> int:
@@ -211,7 +219,8 @@ class TaskBank:
             if name not in self._checked:
                 view = memoryview(self._map)
                 try:
-                    if _digest(name.encode(), view[offset:offset + size]) != view[offset + size:offset + size + 32]:
+                    stored = view[offset + size:offset + size + _DIGEST_BYTES]
+                    if _digest(name.encode(), view[offset:offset + size]) != stored:
                         raise BankError(f"task '{name}' in {self.path} is damaged (its SHA-256 differs): add it again.")
                 finally:
                     view.release()
@@ -271,30 +280,42 @@ class TaskBank:
     def _append(self, kind: int, name: str, row: bytes) -> None:
         self._append_all([(kind, name, row)])
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[BinaryIO]:
+        """The bank file opened for writing under an exclusive flock. A compaction by another process may
+        rename a new file in between our open and our lock: then the locked file is no longer the bank, and
+        a write to it would be lost, so it is opened again."""
+        with self._lock:
+            while True:
+                with open(self.path, "r+b") as file:
+                    fcntl.flock(file, fcntl.LOCK_EX)
+                    try:
+                        if os.fstat(file.fileno()).st_ino == os.stat(self.path).st_ino:
+                            yield file
+                            return
+                    finally:
+                        fcntl.flock(file, fcntl.LOCK_UN)
+
     def _append_all(self, records: list[tuple[int, str, bytes]]) -> None:
         """Write the records after the last complete one with a blank where each end mark goes, sync, then put
         the end marks in, in order, and sync again: a crash leaves every record whole (marked) or skipped."""
-        with self._lock, open(self.path, "r+b") as file:
-            fcntl.flock(file, fcntl.LOCK_EX)
-            try:
-                self._truncate_torn_tail(file)
-                at, marks = file.seek(0, os.SEEK_END), []
-                for kind, name, row in records:
-                    raw = name.encode()
-                    record = _RECORD.pack(_RECORD_MARK, kind, len(raw), len(row), raw) + row + _digest(raw, row)
-                    file.write(record + b"\0" * len(_END_MARK))
-                    at += len(record)
-                    marks.append(at)
-                    at += len(_END_MARK)
-                file.flush()
-                os.fsync(file.fileno())
-                for mark in marks:
-                    file.seek(mark)
-                    file.write(_END_MARK)
-                file.flush()
-                os.fsync(file.fileno())
-            finally:
-                fcntl.flock(file, fcntl.LOCK_UN)
+        with self._locked() as file:
+            self._truncate_torn_tail(file)
+            at, marks = file.seek(0, os.SEEK_END), []
+            for kind, name, row in records:
+                raw = name.encode()
+                record = _RECORD.pack(_RECORD_MARK, kind, len(raw), len(row), raw) + row + _digest(raw, row)
+                file.write(record + b"\0" * len(_END_MARK))
+                at += len(record)
+                marks.append(at)
+                at += len(_END_MARK)
+            file.flush()
+            os.fsync(file.fileno())
+            for mark in marks:
+                file.seek(mark)
+                file.write(_END_MARK)
+            file.flush()
+            os.fsync(file.fileno())
         self._refresh(force=True)
 
     def _truncate_torn_tail(self, file) -> None:
@@ -306,23 +327,19 @@ class TaskBank:
 
     def compact(self) -> int:
         """Rewrite the bank with its live tasks only; returns the bytes reclaimed."""
-        with self._lock, open(self.path, "r+b") as file:
-            fcntl.flock(file, fcntl.LOCK_EX)
-            try:
-                self._refresh(force=True)
-                before = os.fstat(file.fileno()).st_size
-                with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
-                    out.write(_header(self.contract))
-                    size = self._floats * 4
-                    for name, offset in self._index.items():
-                        raw = name.encode()
-                        out.write(_RECORD.pack(_RECORD_MARK, _ADD, len(raw), size, raw))
-                        out.write(self._map[offset:offset + size + _DIGEST_BYTES] + _END_MARK)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    after = out.tell()
-            finally:
-                fcntl.flock(file, fcntl.LOCK_UN)
+        with self._locked() as file:
+            self._refresh(force=True)
+            before = os.fstat(file.fileno()).st_size
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
+                out.write(_header(self.contract))
+                size = self._floats * 4
+                for name, offset in self._index.items():
+                    raw = name.encode()
+                    out.write(_RECORD.pack(_RECORD_MARK, _ADD, len(raw), size, raw))
+                    out.write(self._map[offset:offset + size + _DIGEST_BYTES] + _END_MARK)
+                out.flush()
+                os.fsync(out.fileno())
+                after = out.tell()
         self._open()
         return before - after
 
