@@ -87,7 +87,7 @@ def parse_request(body, session: VeraSession, limits: Limits = Limits(), resolve
     if batch * per_row > limits.max_tokens:
         raise RequestError(413, f"the request has {batch} rows of {per_row} tokens, {batch * per_row:,} in all; this"
                                 f" server takes up to {limits.max_tokens:,} per request: send fewer rows per request.")
-    rows = _row_tasks(body, batch, session, resolve or (lambda name: _known(session, name)))
+    rows = _row_tasks(body, batch, session, resolve or (lambda name: name if session.has_task(name) else None))
     return Request(feeds, rows, body.get("tasks", body.get("task")), per_row)
 
 
@@ -106,10 +106,6 @@ def tokens_per_row(feeds: Mapping[str, np.ndarray], infos: Mapping[str, InputInf
     sizes = [math.prod(n for n, dim in zip(feeds[name].shape[1:], info.shape[1:], strict=True)
                        if not isinstance(dim, int)) for name, info in infos.items() if name in feeds]
     return max([1, *sizes])
-
-
-def _known(session: VeraSession, name: str) -> str | None:
-    return name if name in session.tasks or (session.bank is not None and name in session.bank) else None
 
 
 def _row_tasks(body: Mapping, batch: int, session: VeraSession, resolve) -> tuple[str | None, ...]:

@@ -13,6 +13,7 @@ import dataclasses
 import http.server
 import json
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -129,18 +130,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         target = self.files.routes.get(path)
         if target is None:
             return self._reply(404, b"not found\n", ".txt", body)
-        return self._reply(200, target.read_bytes(), target.suffix, body)
+        with open(target, "rb") as file:  # streamed: a graph's weights need not be read into memory whole
+            self._headers(200, target.suffix, os.fstat(file.fileno()).st_size)
+            if body:
+                shutil.copyfileobj(file, self.wfile)
 
     def _reply(self, status: int, data: bytes, suffix: str, body: bool) -> None:
+        self._headers(status, suffix, len(data))
+        if body:
+            self.wfile.write(data)
+
+    def _headers(self, status: int, suffix: str, length: int) -> None:
         self.send_response(status)
         self.send_header("Content-Type", TYPES.get(suffix, "application/octet-stream"))
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(length))
         self.send_header("Content-Security-Policy", POLICY)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        if body:
-            self.wfile.write(data)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet: the page's requests are many
         pass

@@ -139,6 +139,10 @@ class VeraSession:
         """Names of the loaded tasks."""
         return self._store.names
 
+    def has_task(self, name: str) -> bool:
+        """Whether ``task=name`` runs: a loaded task, or one of the bank's."""
+        return name in self._store.names or (self.bank is not None and name in self.bank)
+
     @property
     def default_task(self) -> str:
         """The task the graph runs when none is chosen (its λ defaults)."""

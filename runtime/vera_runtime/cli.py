@@ -66,15 +66,22 @@ def _session(args) -> VeraSession:
     session = VeraSession(args.graph, device=args.device, session_options=_quiet_options(args), bank=args.bank)
     session.load_tasks_beside()
     for entry in getattr(args, "task_files", None) or []:
-        name, _, path = entry.partition("=")
-        session.load_task(name, path)
+        session.load_task(*_name_and_path(entry))
     return session
+
+
+def _name_and_path(entry: str) -> tuple[str, str]:
+    """``NAME=PATH`` (--load, bank add) as its two parts; FeedError when either is missing."""
+    name, _, path = entry.partition("=")
+    if not name or not path:
+        raise FeedError(f"{printable(entry, 200)!r}: give NAME=PATH (a task name and a task file).")
+    return name, path
 
 
 def _require_loaded(session: VeraSession, names: list[str], graph: str) -> None:
     """A task the command names must be one of the task files beside the graph or a --load."""
     for name in names:
-        if name not in session.tasks and (session.bank is None or name not in session.bank):
+        if not session.has_task(name):
             raise FeedError(
                 f"no task '{printable(name, 64)}': the tasks beside {graph} are {sorted(session.tasks)}; load"
                 f" another with --load {printable(name, 64)}=PATH (a task file, .onnx_adapter or PEFT"
@@ -186,10 +193,7 @@ def _cmd_bank(args) -> None:
     bank = TaskBank(args.bank)
     if args.action == "add":
         for entry in args.items:
-            name, _, path = entry.partition("=")
-            if not name or not path:
-                raise FeedError(f"{printable(entry, 200)!r}: give NAME=TASK_FILE.")
-            bank.add(name, path)
+            bank.add(*_name_and_path(entry))
         print(f"Added {len(args.items)} task(s); {len(bank)} in the bank")
     elif args.action == "remove":
         for name in args.items:
