@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _measure import Timing, rss_in_subprocess  # noqa: E402
+from generate import _interleaved  # noqa: E402
 from run import _options  # noqa: E402
 
 WORK = HERE / "results" / "work" / "bank"
@@ -74,19 +75,6 @@ def _feeds(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
                                                                                                  np.int64)}
 
 
-def _interleaved(runners: dict, repeats: int) -> dict[str, Timing]:
-    samples = {name: [] for name in runners}
-    for _ in range(3):
-        for run in runners.values():
-            run()
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(s), min(s), max(s)) for name, s in samples.items()}
-
-
 def _rows_vs_preloaded(graph: Path, bank: Path, count: int, threads: int, repeats: int) -> dict[str, Timing]:
     """8 rows, 8 tasks: drawn anew from the whole bank for every call, or 8 tasks loaded in the session."""
     from vera_runtime import TaskBank, VeraSession
@@ -101,7 +89,7 @@ def _rows_vs_preloaded(graph: Path, bank: Path, count: int, threads: int, repeat
         "8 random bank tasks (of the whole bank), a task per row": lambda: banked.run(
             feeds, tasks=[f"user{i}" for i in rng.integers(0, count, BATCH)]),
         "8 preloaded tasks, a task per row": lambda: loaded.run(feeds, tasks=fixed),
-    }, repeats)
+    }, repeats, warmup=3)
 
 
 def _first_use(graph: Path, bank: Path, count: int, threads: int, samples: int = 200) -> dict[str, float]:
@@ -246,7 +234,7 @@ def _zipf(graph: Path, bank: Path, count: int, threads: int, repeats: int) -> di
     return _interleaved({
         "Zipf tasks from the bank": lambda: banked.run(feeds, tasks=draw()),
         "Zipf tasks, every task preloaded": lambda: loaded.run(feeds, tasks=draw()),
-    }, repeats)
+    }, repeats, warmup=3)
 
 
 def _plot(ratios: dict[str, tuple[float, float]], path: Path) -> None:

@@ -139,10 +139,10 @@ def _runners(case: dict, threads: int, batch: int) -> dict:
     return runners
 
 
-def _interleaved(runners: dict, repeats: int) -> dict[str, Timing]:
-    """run.py's interleaved timing, for runners without feeds; one warm-up (a generation is long)."""
+def _interleaved(runners: dict, repeats: int, warmup: int = 1) -> dict[str, Timing]:
+    """run.py's interleaved timing, for runners without feeds; one warm-up by default (a generation is long)."""
     return _interleaved_with_feeds({label: lambda _, go=go: go() for label, go in runners.items()}, None, repeats,
-                                   warmup=1)
+                                   warmup=warmup)
 
 
 def _genai(case: dict, batch: int, repeats: int, threads: int, prompt: int = PROMPT) -> Timing | None:

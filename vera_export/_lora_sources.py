@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vera_runtime import ADAPTER_SUFFIX, TASK_SUFFIX
 from vera_runtime.files import load_any_task
 
 from ._errors import VeraExportError
@@ -21,7 +22,6 @@ from ._layer import VeraLinear
 from ._peft_adapters import CONFIG, PREFIX, PROJECTIONS, WEIGHTS, read_adapter
 
 _BIAS = {"none": "none", "all": "all", "vera_only": "lora_only"}  # PEFT's bias modes, VeRA's -> LoRA's
-_TASK_FILE_ENDINGS = (".task.safetensors", ".onnx_adapter")
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ def load(source: Path, graph, base, model_class: str | None, trust_pickle: bool)
         if graph is not None:
             raise VeraExportError(f"{source} is a PEFT adapter folder: --graph applies to task files; drop it.")
         return from_peft_folder(source, base, model_class)
-    if graph is not None or source.name.endswith(_TASK_FILE_ENDINGS):
+    if graph is not None or source.name.endswith((TASK_SUFFIX, ADAPTER_SUFFIX)):
         if graph is None:
             raise VeraExportError(f"{source} is a task file: give the graph it belongs to with --graph m.onnx.")
         return from_task_file(source, Path(graph), base, model_class)
