@@ -385,3 +385,14 @@ def test_forged_names_in_a_bank_file_are_never_indexed_or_listed(graph, tmp_path
     forged = data.replace(b"evil", b"\x1b[2J")  # a terminal escape where the name was
     (tmp_path / "forged.bank").write_bytes(forged)
     assert TaskBank(tmp_path / "forged.bank").names() == ["t0", "t1"]
+
+
+def test_a_forged_bank_header_is_refused_with_the_reason(tmp_path):
+    """Nested a million levels deep, or not a contract: a BankError naming the file, never a crash."""
+    import struct
+
+    for text, fragment in ((b"[" * 1_000_000, "nested deeper"), (b'{"a": 1}', "damaged header")):
+        forged = tmp_path / "forged.bank"
+        forged.write_bytes(b"VERABANK" + struct.pack("<IQ", 1, len(text)) + text)
+        with pytest.raises(BankError, match=fragment):
+            TaskBank(forged)

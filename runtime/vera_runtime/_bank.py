@@ -37,6 +37,7 @@ import numpy as np
 from ._contract import Contract
 from ._errors import VeraError
 from ._io import atomic_path
+from ._json import loads_bounded
 from ._taskfile import check_task_name, is_task_name
 
 MAGIC = b"VERABANK"
@@ -74,7 +75,7 @@ def _read_header(file, source: str) -> tuple[Contract, int]:
         raise BankError(f"{source} declares a {size:,}-byte header: it is damaged.")
     text = file.read(size)
     try:
-        contract = Contract.from_metadata(json.loads(text), source)
+        contract = Contract.from_metadata(loads_bounded(text), source)  # a bank may come from someone else
     except (ValueError, TypeError) as exc:
         raise BankError(f"{source} has a damaged header ({exc}).") from exc
     return contract, -(-(20 + size) // _PAGE) * _PAGE
