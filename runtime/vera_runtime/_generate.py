@@ -27,6 +27,9 @@ class CacheLayout:
     present: tuple[str, ...]
     kv_heads: int
     head_dim: int
+    # False for the fused graph (`vera-export --fused`, onnxruntime-genai's builder): GroupQueryAttention
+    # takes each row's positions from its mask, the row's tokens first (padding on the right)
+    position_ids: bool = True
 
     @classmethod
     def of_layers(cls, layers: int, kv_heads: int, head_dim: int) -> CacheLayout:
@@ -45,7 +48,7 @@ class CacheLayout:
         layout = cls.of_layers(layers, int(kv_heads), int(head_dim))
         if any(name not in inputs for name in layout.past) or any(name not in outputs for name in layout.present):
             return None
-        return layout
+        return dataclasses.replace(layout, position_ids="position_ids" in inputs)
 
     @property
     def layers(self) -> int:
@@ -140,13 +143,13 @@ def check_length(ids: np.ndarray, max_new_tokens, limit: int | None) -> None:
 
 
 def cache_step(session, layout: CacheLayout, task_feeds: dict, on_device: bool):
-    """One forward with the cache: ``(feeds, past) -> (last position's logits, present by past name)``.
+    """One forward with the cache: ``(feeds, past) -> (logits [batch, new, vocab], present by past name)``.
     ``on_device`` (CUDA): the cache stays on the GPU between steps (IOBinding); only logits come back."""
     names = ["logits", *layout.present]
 
     def on_cpu(feeds, past):
         logits, *present = session.run(names, {**feeds, **past, **task_feeds})
-        return logits[:, -1], dict(zip(layout.past, present, strict=True))
+        return logits, dict(zip(layout.past, present, strict=True))
 
     def on_cuda(feeds, past):
         import onnxruntime as ort
@@ -163,7 +166,7 @@ def cache_step(session, layout: CacheLayout, task_feeds: dict, on_device: bool):
             binding.bind_output(name, "cuda")
         session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
-        return logits.numpy()[:, -1], dict(zip(layout.past, present, strict=True))
+        return logits.numpy(), dict(zip(layout.past, present, strict=True))
 
     return on_cuda if on_device else on_cpu
 
@@ -193,15 +196,18 @@ def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new
            tokens: TokenIds) -> Iterator[np.ndarray]:
     """Yield the next token of every row, ``[batch]``, up to ``max_new_tokens`` times; rows that
     produced an eos token get ``tokens.pad`` after it, and the stream ends when every row has.
-    ``step(feeds, past) -> (last logits [batch, vocab], present by past name)``."""
+    ``step(feeds, past) -> (logits [batch, new, vocab], present by past name)``."""
     choose = sampling.chooser()
     past = layout.empty(len(ids))
     running = np.ones(len(ids), dtype=bool)
+    if not layout.position_ids:
+        yield from _stream_left_aligned(step, past, running, ids, mask, max_new_tokens, choose, tokens)
+        return
     feed_ids, position_ids = ids, positions(mask)
     for _ in range(max_new_tokens):
         feeds = {"input_ids": feed_ids, "attention_mask": mask, "position_ids": position_ids}
         logits, past = step(feeds, past)
-        chosen = np.where(running, choose(logits), tokens.pad).astype(np.int64)
+        chosen = np.where(running, choose(logits[:, -1]), tokens.pad).astype(np.int64)
         running &= ~np.isin(chosen, tokens.eos)
         yield chosen
         if not running.any():
@@ -209,3 +215,20 @@ def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new
         feed_ids = chosen[:, None]
         mask = np.concatenate([mask, np.ones_like(feed_ids)], axis=1)
         position_ids = position_ids[:, -1:] + 1  # every row ends in a real token: the next one follows it
+
+
+def _stream_left_aligned(step, past, running, ids, mask, max_new_tokens, choose, tokens) -> Iterator[np.ndarray]:
+    """``stream`` for graphs without position ids (GroupQueryAttention): each row's tokens come first
+    and its mask counts them, so each new token lands right after its own row's last one."""
+    lengths = mask.sum(-1)
+    feed_ids = np.stack([np.roll(row, n) for row, n in zip(ids, lengths, strict=True)])  # left padding to right
+    width, last = ids.shape[1], lengths - 1  # the column of each row's last token
+    for _ in range(max_new_tokens):
+        feeds = {"input_ids": feed_ids, "attention_mask": (np.arange(width) < lengths[:, None]).astype(np.int64)}
+        logits, past = step(feeds, past)
+        chosen = np.where(running, choose(logits[np.arange(len(ids)), last]), tokens.pad).astype(np.int64)
+        running &= ~np.isin(chosen, tokens.eos)
+        yield chosen
+        if not running.any():
+            return
+        feed_ids, lengths, width, last = chosen[:, None], lengths + 1, width + 1, np.zeros_like(last)

@@ -289,7 +289,8 @@ class VeraSession:
         tokens = self._token_ids.overridden(eos_token_id, pad_token_id)
         hot = self._hot.session_for(task) if tasks is None else None  # a hot task generates at merged speed too
         task_feeds = {} if hot else self._store.feeds(task, tasks, len(ids))
-        check_feeds({"input_ids": ids, "attention_mask": mask, "position_ids": ids, **self.cache.empty(len(ids))},
+        positions = {"position_ids": ids} if self.cache.position_ids else {}
+        check_feeds({"input_ids": ids, "attention_mask": mask, **positions, **self.cache.empty(len(ids))},
                     self._inputs, self._task_inputs, self.contract)
         session = hot.session if hot else self._session
         step = cache_step(session, self.cache, task_feeds, on_device=self.device == "cuda")

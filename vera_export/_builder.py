@@ -1,0 +1,69 @@
+"""Run onnxruntime-genai's model builder on the base model, in the Python that has it.
+
+onnxruntime-genai pins its own CPU onnxruntime, so it usually lives in an environment of its own; the
+builder runs there as a subprocess (``--builder-python``, else ``$VERA_GENAI_PYTHON``, else this Python).
+Its graph is the anchor the VeRA branches are grafted onto, and node names are part of that graph: the
+version is pinned, and another one is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ._errors import VeraExportError
+
+BUILDER_VERSION = "0.18.0"
+PRECISIONS = ("fp32", "int4")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_INSTALL = f"pip install onnxruntime-genai=={BUILDER_VERSION} torch transformers onnx-ir onnxscript"
+
+
+def builder_python(given: str | os.PathLike | None) -> str:
+    """The Python to run the builder with, checked to hold the pinned onnxruntime-genai."""
+    python = str(given or os.environ.get("VERA_GENAI_PYTHON") or sys.executable)
+    probe = "import onnxruntime_genai, onnxruntime_genai.models.builder; print(onnxruntime_genai.__version__)"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except OSError as exc:
+        raise VeraExportError(f"cannot run the builder's Python {python}: {exc.strerror or exc}.") from exc
+    version = done.stdout.strip()
+    if done.returncode != 0:
+        raise VeraExportError(
+            f"{python} cannot import onnxruntime-genai's model builder: make an environment with `{_INSTALL}`"
+            " and pass its python with --builder-python (or set VERA_GENAI_PYTHON)."
+        )
+    if version != BUILDER_VERSION:
+        raise VeraExportError(
+            f"{python} has onnxruntime-genai {version}; the fused export grafts onto the graph of"
+            f" {BUILDER_VERSION}'s builder (its node names are the anchor): `{_INSTALL}`."
+        )
+    return python
+
+
+def check_base(base: Path) -> None:
+    """The builder reads the tokenizer beside the weights, and fails late without one."""
+    if not any((base / name).is_file() for name in _TOKENIZER_FILES):
+        raise VeraExportError(
+            f"base model folder {base} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai's builder"
+            " needs one; save the base model's tokenizer into it (tokenizer.save_pretrained)."
+        )
+
+
+def run_builder(python: str, base: Path, out: Path, precision: str, cache: Path) -> Path:
+    """Build the base model's decoder for the CPU provider into ``out``; returns its ``model.onnx``."""
+    if precision not in PRECISIONS:
+        raise VeraExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out), "-p", precision,
+               "-e", "cpu", "-c", str(cache)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    graph = out / "model.onnx"
+    if done.returncode != 0 or not graph.is_file():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise VeraExportError(
+            f"onnxruntime-genai's builder failed on {base} (exit {done.returncode}):\n{tail}\nIts supported"
+            " families are Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and others it lists; others export without --fused."
+        )
+    return graph

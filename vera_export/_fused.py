@@ -1,0 +1,160 @@
+"""``export_fused``: PEFT VeRA adapters over a decoder, as onnxruntime-genai's builder graph of the base
+model (GroupQueryAttention, fused norms, packed projections; int4 ``MatMulNBits`` if asked) with the
+VeRA branches grafted on — generation at the builder's speed, every task still an input.
+
+1. Load the base and the adapters with PEFT; write the contract (the same fingerprint as a traced
+   export of the same adapters: task files fit both graphs).
+2. Run the builder on the base model (its own Python).
+3. Graft the VeRA branches onto its projections; record the contract in the graph.
+4. Check ONNX Runtime against PEFT for each task and a task per row, prefill and decode steps.
+5. Publish the graph, genai_config.json, the tokenizer and every task's files as one set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx_ir as ir
+from torch import nn
+
+from vera_runtime import Contract
+from vera_runtime.layout import GENAI_CONFIG, task_file_paths
+
+from ._builder import BUILDER_VERSION, builder_python, check_base, run_builder
+from ._defaults import DEFAULT_TOLERANCE
+from ._digest import base_digest
+from ._discover import find_vera_layers
+from ._errors import VeraExportError
+from ._export import ExportResult, _contract, _require_pass, _stage_task, current_task, stage_task
+from ._genai import stage_tokenizer_files
+from ._graft import find_targets, graft, name_dims, set_contract
+from ._peft import PeftExportResult, PeftRoot, _read_all, _stage_labels, load_peft_models, resolve_base
+from ._staging import Staging, check_writable
+from ._verify import Verification, ort_session
+from ._verify_fused import verify_fused
+
+
+def _widths(config) -> dict[str, int]:
+    """Output columns of each projection the builder may pack: q, k, v, gate, up."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    q, kv, inner = config.num_attention_heads * head_dim, kv_heads * head_dim, config.intermediate_size
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": inner, "up_proj": inner}
+
+
+def _fused_contract(adapted, model: nn.Module, ir_model: ir.Model) -> Contract:
+    """The traced export's contract, with the builder's bounds: token ids below the vocabulary, and at
+    most as many positions as its rotary tables hold."""
+    contract = _contract(adapted, model, base_digest(model))
+    config = model.config
+    positions = ir_model.graph.initializers.get("cos_cache")
+    limit = positions.shape[0] if positions is not None else config.max_position_embeddings
+    return dataclasses.replace(contract, input_highs={"input_ids": config.vocab_size},
+                               dim_limits={"total_sequence": int(limit)})
+
+
+def _cache_shape(config) -> tuple[int, int, int]:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def _stage_genai_config(built: Path, graph: Path, stage: Staging) -> Path:
+    """The builder's genai_config.json (it describes its graph), naming our graph file."""
+    config = json.loads((built / GENAI_CONFIG).read_text())
+    config["model"]["decoder"]["filename"] = graph.name
+    stage.path(graph.with_name(GENAI_CONFIG)).write_text(json.dumps(config, indent=2) + "\n")
+    return graph.with_name(GENAI_CONFIG)
+
+
+def export_fused(
+    adapters: dict[str, str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    model_class: str | None = None,
+    precision: str = "fp32",
+    builder: str | os.PathLike | None = None,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: Callable[[str], None] = lambda message: None,
+) -> PeftExportResult:
+    """Export PEFT VeRA adapters over a causal LM as the builder's fused decoder with VeRA branches.
+
+    ``precision``: ``fp32``, or ``int4`` (the builder's MatMulNBits base weights; VeRA stays float32).
+    ``builder``: the Python holding onnxruntime-genai (default ``$VERA_GENAI_PYTHON``, else this one).
+    Writes ``out`` (+ ``.data``), ``genai_config.json``, the tokenizer and one task file per adapter.
+    """
+    start, out = time.perf_counter(), Path(out)
+    # 1. Up-front checks, then the PEFT model and the contract's parts that need it.
+    read = _read_all(adapters)
+    base_path = resolve_base(base, read[0])
+    check_writable(out, (*(a.path for a in read), base_path))
+    check_base(base_path)
+    python = builder_python(builder)
+    progress(f"Loading the base model and {len(read)} adapter(s) ...")
+    loaded = load_peft_models(read, base_path, model_class)
+    root = PeftRoot(loaded.model)
+    adapted = find_vera_layers(root, read[0].name)
+    if adapted.heads:
+        raise VeraExportError("--fused exports causal LMs; these adapters train head layers: export without --fused.")
+    with Staging(out, replaces_set=True, inputs=(*(a.path for a in read), base_path)) as staging:
+        scratch = staging.scratch()
+        # 2. The builder's graph of the base model.
+        progress(f"Building the base decoder with onnxruntime-genai {BUILDER_VERSION}'s builder ({precision}) ...")
+        built = run_builder(python, base_path, scratch / "built", precision, scratch / "cache")
+        ir_model = ir.load(built)
+        # 3. Graft, and record the contract.
+        contract = _fused_contract(adapted, root, ir_model)
+        task = current_task(adapted, contract)
+        targets = find_targets(ir_model, contract.layers, _widths(root.config))
+        progress(f"Grafting {len(targets)} VeRA layers (r={contract.r}) onto {len(ir_model.graph)} builder nodes ...")
+        graft(ir_model, targets, adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), task.tensors)
+        name_dims(ir_model, _cache_shape(root.config)[2])
+        set_contract(ir_model, contract, f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu")
+        ir.save(ir_model, scratch / out.name, external_data=f"{out.name}.data")
+        del ir_model
+        gc.collect()
+        # 4. Every task, alone and one per row, against PEFT.
+        verification = None
+        if verify:
+            progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
+            names = [adapter.name for adapter in read]
+            verification = _verify(scratch / out.name, loaded.model, root, contract, names, tolerance)
+        # 5. Stage the set.
+        for written in (scratch / out.name, scratch / f"{out.name}.data"):
+            os.replace(written, staging.path(out.with_name(written.name)))
+        _stage_genai_config(built.parent, out, staging)
+        stage_tokenizer_files(out, base_path, staging)
+        _stage_labels(out, read, loaded.model, contract, staging)
+        task_files = [_stage_task(task, out, staging)[0]]
+        for adapter in read[1:]:
+            loaded.model.set_adapter(adapter.name)
+            task_files.append(stage_task(root, out, contract, staging, adapter.name, contract.base_digest)[0])
+        loaded.model.set_adapter(read[0].name)
+        staging.publish()
+    result = ExportResult(out, *task_file_paths(out, task.name), contract, verification, time.perf_counter() - start)
+    return PeftExportResult(result, tuple(task_files), loaded.notes)
+
+
+def _verify(graph: Path, peft_model: nn.Module, root: nn.Module, contract: Contract, names: list[str],
+            tolerance: float) -> Verification:
+    def use_task(name: str) -> None:
+        peft_model.set_adapter(name)
+
+    feeds = {}
+    for name in names:
+        use_task(name)
+        tensors = current_task(find_vera_layers(root, name), contract).tensors
+        feeds[name] = {key: value[None] for key, value in tensors.items()}
+    session = ort_session(graph)
+    checks = verify_fused(session, peft_model, _cache_shape(root.config), contract.input_highs["input_ids"], feeds,
+                          use_task)
+    del session
+    return _require_pass(Verification(tuple(checks), tolerance))
