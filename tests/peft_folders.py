@@ -24,6 +24,7 @@ _BERT = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention
              max_position_embeddings=64)
 _DECODER = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64)
+_FUSED = dict(_DECODER, hidden_size=64, num_key_value_heads=2)  # head size 16
 _T5 = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 
 FAMILIES = {
@@ -52,6 +53,12 @@ FAMILIES = {
                     ["q_proj", "k_proj", "v_proj"], "CAUSAL_LM"),
     "mistral": Family("MistralForCausalLM", "MistralConfig", dict(_DECODER, num_key_value_heads=2),
                       ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"),
+    # the fused export's families (onnxruntime-genai's builder: GroupQueryAttention on the CPU wants head size 16+)
+    "phi3": Family("Phi3ForCausalLM", "Phi3Config", dict(_FUSED, pad_token_id=0, original_max_position_embeddings=64),
+                   ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "CAUSAL_LM"),
+    "gemma2": Family("Gemma2ForCausalLM", "Gemma2Config", dict(_FUSED, head_dim=16, query_pre_attn_scalar=16,
+                                                               sliding_window=32),
+                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"),
     "phi": Family("PhiForCausalLM", "PhiConfig", _DECODER, ["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM"),
     "vit": Family("ViTForImageClassification", "ViTConfig",
                   dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,

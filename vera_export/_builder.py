@@ -61,9 +61,9 @@ def run_builder(python: str, base: Path, out: Path, precision: str, cache: Path)
     done = subprocess.run(command, capture_output=True, text=True)
     graph = out / "model.onnx"
     if done.returncode != 0 or not graph.is_file():
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        tail = " | ".join(line.strip() for line in (done.stderr or done.stdout).strip().splitlines()[-3:])
         raise VeraExportError(
-            f"onnxruntime-genai's builder failed on {base} (exit {done.returncode}):\n{tail}\nIts supported"
+            f"onnxruntime-genai's builder failed on {base} (exit {done.returncode}): {tail}. Its supported"
             " families are Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and others it lists; others export without --fused."
         )
     return graph

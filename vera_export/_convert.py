@@ -30,7 +30,6 @@ TARGETS = ("int8", "int4", "fp16", "web", "ort")
 WEIGHT_FORMS = ("int8", "int4", "fp16")  # ways to store the base weights: one at a time
 # Largest |converted - float32| accepted, relative to the outputs' scale: web and ort run the same
 # arithmetic; fp16 rounds every weight to 11 bits; int8 to 8 bits per weight, with activations too.
-DEFAULT_TOLERANCES = {"web": 1e-5, "ort": 1e-4, "fp16": 2e-2, "int8": 0.25, "int4": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +179,7 @@ def convert(
     ort) at ``out``, with a copy of its task files, after checking every task against ``graph``.
 
     ``tolerance``: the largest |converted - float32| accepted, relative to the outputs' scale (default:
-    the loosest of the targets' ``DEFAULT_TOLERANCES``). Nothing is written when a task exceeds it.
+    the loosest of the targets' ``_defaults.FORM_TOLERANCES``). Nothing is written when a task exceeds it.
     ``block_size`` (int4): weights per scale, a power of two from 16 to 256.
     """
     graph, out, targets = Path(graph), Path(out), parse_targets(to)
@@ -193,7 +192,7 @@ def convert(
             f"no task files beside {graph}: a web graph holds no task values, so it needs them; write them with"
             " `vera-export task` or export again."
         )
-    tolerance = tolerance or max(DEFAULT_TOLERANCES[t] for t in targets)
+    tolerance = tolerance or max(_defaults.FORM_TOLERANCES[t] for t in targets)
     progress(f"Converting {graph.name} to {'+'.join(targets)} ...")
     proto, contract = _transform(graph, targets, block_size)
     with writing(out, None, replaces_set=True, inputs=sources) as stage:

@@ -24,10 +24,10 @@ import onnx_ir as ir
 from torch import nn
 
 from vera_runtime import Contract
-from vera_runtime.layout import GENAI_CONFIG, task_file_paths
+from vera_runtime.layout import GENAI_CONFIG, CacheLayout, task_file_paths
 
 from ._builder import BUILDER_VERSION, builder_python, check_base, run_builder
-from ._defaults import DEFAULT_TOLERANCE
+from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
 from ._digest import base_digest
 from ._discover import find_vera_layers
 from ._errors import VeraExportError
@@ -42,27 +42,34 @@ from ._verify_fused import verify_fused
 
 def _widths(config) -> dict[str, int]:
     """Output columns of each projection the builder may pack: q, k, v, gate, up."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     q, kv, inner = config.num_attention_heads * head_dim, kv_heads * head_dim, config.intermediate_size
     return {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": inner, "up_proj": inner}
 
 
 def _fused_contract(adapted, model: nn.Module, ir_model: ir.Model) -> Contract:
-    """The traced export's contract, with the builder's bounds: token ids below the vocabulary, and at
-    most as many positions as its rotary tables hold."""
+    """The traced export's contract, with the builder's bounds: token ids below the vocabulary, at most as
+    many positions as its rotary tables hold, and a shared cache buffer that holds at least the sliding
+    window of the layers that keep a window-sized cache."""
     contract = _contract(adapted, model, base_digest(model))
     config = model.config
     positions = ir_model.graph.initializers.get("cos_cache")
     limit = positions.shape[0] if positions is not None else config.max_position_embeddings
+    windows = [node.attributes["local_window_size"].as_int() for node in ir_model.graph
+               if node.op_type == "GroupQueryAttention" and "local_window_size" in node.attributes]
     return dataclasses.replace(contract, input_highs={"input_ids": config.vocab_size},
-                               dim_limits={"total_sequence": int(limit)})
+                               dim_limits={"total_sequence": int(limit)}, kv_shared_buffer=max([1, *windows]))
 
 
-def _cache_shape(config) -> tuple[int, int, int]:
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _cache_layout(config) -> CacheLayout:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
+    return dataclasses.replace(CacheLayout.of_layers(config.num_hidden_layers, kv_heads, _head_dim(config)),
+                               position_ids=False)
 
 
 def _stage_genai_config(built: Path, graph: Path, stage: Staging) -> Path:
@@ -82,13 +89,15 @@ def export_fused(
     precision: str = "fp32",
     builder: str | os.PathLike | None = None,
     verify: bool = True,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> PeftExportResult:
     """Export PEFT VeRA adapters over a causal LM as the builder's fused decoder with VeRA branches.
 
     ``precision``: ``fp32``, or ``int4`` (the builder's MatMulNBits base weights; VeRA stays float32).
     ``builder``: the Python holding onnxruntime-genai (default ``$VERA_GENAI_PYTHON``, else this one).
+    ``tolerance``: the largest difference from PEFT accepted, relative to the logits' scale (default 1e-5
+    for fp32, 0.5 for int4 as ``convert --to int4``); a task per row must equal each task alone to 1e-5.
     Writes ``out`` (+ ``.data``), ``genai_config.json``, the tokenizer and one task file per adapter.
     """
     start, out = time.perf_counter(), Path(out)
@@ -116,7 +125,7 @@ def export_fused(
         targets = find_targets(ir_model, contract.layers, _widths(root.config))
         progress(f"Grafting {len(targets)} VeRA layers (r={contract.r}) onto {len(ir_model.graph)} builder nodes ...")
         graft(ir_model, targets, adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), task.tensors)
-        name_dims(ir_model, _cache_shape(root.config)[2])
+        name_dims(ir_model, _head_dim(root.config))
         set_contract(ir_model, contract, f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu")
         ir.save(ir_model, scratch / out.name, external_data=f"{out.name}.data")
         del ir_model
@@ -126,7 +135,8 @@ def export_fused(
         if verify:
             progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
             names = [adapter.name for adapter in read]
-            verification = _verify(scratch / out.name, loaded.model, root, contract, names, tolerance)
+            default = DEFAULT_TOLERANCE if precision == "fp32" else FORM_TOLERANCES[precision]
+            verification = _verify(scratch / out.name, loaded.model, root, contract, names, tolerance or default)
         # 5. Stage the set.
         for written in (scratch / out.name, scratch / f"{out.name}.data"):
             os.replace(written, staging.path(out.with_name(written.name)))
@@ -154,7 +164,10 @@ def _verify(graph: Path, peft_model: nn.Module, root: nn.Module, contract: Contr
         tensors = current_task(find_vera_layers(root, name), contract).tensors
         feeds[name] = {key: value[None] for key, value in tensors.items()}
     session = ort_session(graph)
-    checks = verify_fused(session, peft_model, _cache_shape(root.config), contract.input_highs["input_ids"], feeds,
-                          use_task)
+    cache = (_cache_layout(root.config), contract.kv_shared_buffer)
+    checks, rows = verify_fused(session, peft_model, cache, contract.input_highs["input_ids"], feeds, use_task)
     del session
-    return _require_pass(Verification(tuple(checks), tolerance))
+    if rows is not None:
+        _require_pass(Verification((rows,), DEFAULT_TOLERANCE))
+    _require_pass(Verification(tuple(checks), tolerance))
+    return Verification((*checks, *filter(None, [rows])), tolerance)

@@ -26,19 +26,22 @@ from ._errors import VeraExportError
 # PEFT's module path of a decoder projection: (layer index, block, projection)
 _PEFT_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 _BLOCK = {"self_attn": "attn", "mlp": "mlp"}
-# projections the builder packs into one MatMul, in the order of their outputs
-_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# projections the builder may pack into one MatMul, in the order of their outputs; and the packed ones
+# of some families (Phi-3's gate_up_proj) that it may split into their parts
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where one VeRA layer lands: the builder's MatMul and the columns of its output it owns."""
+    """Where columns ``[start, stop)`` of one VeRA layer's output land: the builder's MatMul, at ``offset``
+    among its ``width`` output columns."""
 
     layer: LayerSpec
     node: ir.Node
     offset: int
-    width: int  # the node's output columns
+    start: int
+    stop: int
+    width: int
 
 
 def _matmul(nodes: dict[str, ir.Node], prefix: str) -> ir.Node | None:
@@ -55,8 +58,25 @@ def _width(node: ir.Node) -> int:
     return node.inputs[1].shape[-1]
 
 
+def _places(nodes: dict[str, ir.Node], prefix: str, projection: str, widths: dict[str, int]):
+    """(node, offset in its output, start, stop in the layer's output) for one projection."""
+    if node := _matmul(nodes, f"{prefix}/{projection}"):
+        return [(node, 0, 0, None)]
+    for packed, parts in _PACKED.items():
+        if projection in parts and (node := _matmul(nodes, f"{prefix}/{packed}")):  # packed by the builder
+            offset = sum(widths[p] for p in parts[:parts.index(projection)])
+            return [(node, offset, 0, None)]
+    places, start = [], 0
+    for part in _PACKED.get(projection, ()):  # packed in the model, split by the builder
+        if (node := _matmul(nodes, f"{prefix}/{part}")) is None:
+            return []
+        places.append((node, 0, start, start + widths[part]))
+        start += widths[part]
+    return places
+
+
 def find_targets(model: ir.Model, layers: tuple[LayerSpec, ...], widths: dict[str, int]) -> list[Target]:
-    """The builder node of every layer; ``widths`` gives each projection's output columns
+    """The builder nodes of every layer; ``widths`` gives each projection's output columns
     (``q_proj``: heads × head size, …) for the offsets inside packed MatMuls."""
     nodes = {node.name: node for node in model.graph if node.name}
     targets = []
@@ -66,18 +86,15 @@ def find_targets(model: ir.Model, layers: tuple[LayerSpec, ...], widths: dict[st
             raise _unplaced(layer, "it is not a projection of a decoder layer (layers.N.self_attn/mlp.NAME)")
         index, block, projection = match.groups()
         prefix = f"/model/layers.{index}/{_BLOCK[block]}"
-        node, offset = _matmul(nodes, f"{prefix}/{projection}"), 0
-        if node is None and projection in _PACKED:
-            packed, position = _PACKED[projection]
-            group = [name for name, (p, _) in _PACKED.items() if p == packed]
-            node = _matmul(nodes, f"{prefix}/{packed}")
-            offset = sum(widths[name] for name in group[:position])
-        if node is None:
+        places = _places(nodes, prefix, projection, widths)
+        if not places:
             raise _unplaced(layer, f"the builder's graph has no MatMul for it under {prefix}/")
-        width = _width(node)
-        if offset + layer.out_features > width or node.inputs[0] is None:
-            raise _unplaced(layer, f"its {layer.out_features} outputs do not fit {node.name} ({width} columns)")
-        targets.append(Target(layer, node, offset, width))
+        for node, offset, start, stop in places:
+            stop = layer.out_features if stop is None else stop
+            width = _width(node)
+            if offset + stop - start > width or stop > layer.out_features:
+                raise _unplaced(layer, f"its {layer.out_features} outputs do not fit {node.name} ({width} columns)")
+            targets.append(Target(layer, node, offset, start, stop, width))
     return targets
 
 
@@ -88,27 +105,29 @@ def _unplaced(layer: LayerSpec, why: str) -> VeraExportError:
     )
 
 
-class _Builder:
-    """Appends nodes to ``graph`` right after ``anchor``, in call order (so after the builder's MatMul,
-    whose input they read, and before its output's readers), named under a prefix."""
+class _Nodes:
+    """Adds nodes to ``graph`` under a name prefix (``graft`` sorts the graph once at the end)."""
 
-    def __init__(self, graph: ir.Graph, prefix: str, anchor: ir.Node) -> None:
-        self.graph, self.prefix, self.anchor, self.count = graph, prefix, anchor, 0
+    def __init__(self, graph: ir.Graph, prefix: str) -> None:
+        self.graph, self.prefix, self.count = graph, prefix, 0
 
     def __call__(self, op: str, *inputs: ir.Value, **attributes) -> ir.Value:
         self.count += 1
         node = ir.node(op, list(inputs), attributes=attributes, name=f"{self.prefix}/{op}_{self.count}")
         node.outputs[0].name = f"{self.prefix}/{op}_{self.count}/output_0"
-        self.graph.insert_after(self.anchor, node)
-        self.anchor = node
+        self.graph.append(node)
         return node.outputs[0]
 
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """An initializer shared by every branch that needs the same value."""
+        if name not in self.graph.initializers:
+            self.graph.register_initializer(ir.Value(
+                name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                type=ir.TensorType(ir.DataType.from_numpy(array.dtype))))
+        return self.graph.initializers[name]
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name not in graph.initializers:
-        graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(array, name=name),
-                                            shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))))
-    return graph.initializers[name]
+    def ints(self, *values: int) -> ir.Value:
+        return self.constant(f"vera/ints_{'_'.join(map(str, values))}", np.array(values, np.int64))
 
 
 def _task_input(graph: ir.Graph, name: str, size: int, default: np.ndarray) -> ir.Value:
@@ -120,46 +139,54 @@ def _task_input(graph: ir.Graph, name: str, size: int, default: np.ndarray) -> i
     return value
 
 
+def _delta(op: _Nodes, layer: LayerSpec, x: ir.Value, shared: dict, task: dict[str, np.ndarray]) -> ir.Value:
+    """``((x @ A[:, :in]ᵀ) ⊙ Λd) @ B[:out, :]ᵀ ⊙ Λb`` for one layer, ``x @ Aᵀ`` shared by layers reading ``x``."""
+    a, b = op.graph.initializers["vera_A"], op.graph.initializers["vera_B"]
+    r = a.shape[0]
+    key = (x.name, layer.in_features)
+    if key not in shared:
+        a_slice = op("Slice", a, op.ints(0), op.ints(layer.in_features), op.ints(1))
+        shared[key] = op("MatMul", x, op("Transpose", a_slice, perm=[1, 0]))
+    lambda_d = _task_input(op.graph, layer.lambda_d, r, task[layer.lambda_d])
+    lambda_b = _task_input(op.graph, layer.lambda_b, layer.out_features, task[layer.lambda_b])
+    b_slice = op("Slice", b, op.ints(0), op.ints(layer.out_features), op.ints(0))
+    scaled = op("Mul", shared[key], op("Unsqueeze", lambda_d, op.ints(1)))
+    return op("Mul", op("MatMul", scaled, op("Transpose", b_slice, perm=[1, 0])), op("Unsqueeze", lambda_b, op.ints(1)))
+
+
 def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np.ndarray,
           task: dict[str, np.ndarray]) -> None:
     """Add every target's VeRA branch to the builder's graph, in place (see the module docstring)."""
     graph = model.graph
-    a = _constant(graph, "vera_A", np.ascontiguousarray(vera_a, dtype=np.float32))
-    b = _constant(graph, "vera_B", np.ascontiguousarray(vera_b, dtype=np.float32))
-    axis1 = _constant(graph, "vera/axes_1", np.array([1], np.int64))
-    zero = _constant(graph, "vera/zero", np.array([0], np.int64))
-    shared: dict[tuple[str, int], ir.Value] = {}  # (input, width) -> x @ A[:, :in]ᵀ
+    op = _Nodes(graph, "/vera")
+    op.constant("vera_A", np.ascontiguousarray(vera_a, dtype=np.float32))
+    op.constant("vera_B", np.ascontiguousarray(vera_b, dtype=np.float32))
+    shared: dict[tuple[str, int], ir.Value] = {}
+    deltas: dict[str, ir.Value] = {}
     by_node: dict[str, list[Target]] = {}
     for target in targets:
         by_node.setdefault(target.node.name, []).append(target)
     for node_name, group in by_node.items():
-        node = group[0].node
-        output = node.outputs[0]
-        readers = list(output.uses())
-        op = _Builder(graph, f"/vera{node_name.rsplit('/', 1)[0]}", node)
-        total = output
-        for target in group:
-            layer = target.layer
-            x = node.inputs[0]
-            key = (x.name, layer.in_features)
-            if key not in shared:
-                a_slice = op("Slice", a, zero, _constant(graph, f"vera/end_{layer.in_features}",
-                                                         np.array([layer.in_features], np.int64)), axis1)
-                shared[key] = op("MatMul", x, op("Transpose", a_slice, perm=[1, 0]))
-            lambda_d = _task_input(graph, f"{layer.name}.vera_lambda_d", vera_a.shape[0], task[f"{layer.name}.vera_lambda_d"])
-            lambda_b = _task_input(graph, f"{layer.name}.vera_lambda_b", layer.out_features, task[f"{layer.name}.vera_lambda_b"])
-            b_slice = op("Slice", b, zero, _constant(graph, f"vera/end_{layer.out_features}",
-                                                     np.array([layer.out_features], np.int64)), zero)
-            scaled = op("Mul", shared[key], op("Unsqueeze", lambda_d, axis1))
-            delta = op("Mul", op("MatMul", scaled, op("Transpose", b_slice, perm=[1, 0])), op("Unsqueeze", lambda_b, axis1))
-            if layer.out_features != target.width:  # a slot of a packed output: zeros around it
-                pads = np.array([0, 0, target.offset, 0, 0, target.width - target.offset - layer.out_features], np.int64)
-                delta = op("Pad", delta, _constant(graph, f"vera/pads_{'_'.join(map(str, pads))}", pads))
-            total = op("Add", total, delta)
-        for use in readers:
-            use.node.replace_input_with(use.idx, total)
+        output = group[0].node.outputs[0]
         if output.is_graph_output():
             raise VeraExportError(f"{node_name} writes a graph output: a VeRA branch cannot be added after it.")
+        readers = list(output.uses())
+        op.prefix = f"/vera{node_name.rsplit('/', 1)[0]}"
+        total = output
+        for t in group:
+            name = t.layer.name
+            if name not in deltas:
+                deltas[name] = _delta(op, t.layer, t.node.inputs[0], shared, task)
+            piece = deltas[name]
+            if (t.start, t.stop) != (0, t.layer.out_features):  # one part of a projection the builder split
+                piece = op("Slice", piece, op.ints(t.start), op.ints(t.stop), op.ints(-1))
+            if t.stop - t.start != t.width:  # one slot of a packed output: zeros around it
+                after = t.width - t.offset - (t.stop - t.start)
+                piece = op("Pad", piece, op.ints(0, 0, t.offset, 0, 0, after))
+            total = op("Add", total, piece)
+        for use in readers:
+            use.node.replace_input_with(use.idx, total)
+    graph.sort()
 
 
 def set_contract(model: ir.Model, contract: Contract, builder: str) -> None:

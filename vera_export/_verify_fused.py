@@ -9,25 +9,24 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from vera_runtime.layout import CacheLayout
+
 from ._agreement import Check, compare_outputs
 
 _BATCH, _PROMPT, _DECODE_STEPS = 2, 6, 3
 
 
-def _ort_steps(session, layers: int, kv_heads: int, head_dim: int, ids: np.ndarray, tokens: list[np.ndarray],
+def _ort_steps(session, layout: CacheLayout, capacity: int, ids: np.ndarray, tokens: list[np.ndarray],
                task_feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Prefill ``ids``, then feed ``tokens`` one step at a time; each step's logits ``[batch, new, vocab]``."""
-    past = {f"past_key_values.{i}.{kind}": np.zeros((len(ids), kv_heads, 0, head_dim), np.float32)
-            for i in range(layers) for kind in ("key", "value")}
-    names = ["logits", *(name.replace("past_key_values", "present") for name in past)]
+    """Prefill ``ids``, then feed ``tokens`` one step at a time, the cache in one shared buffer as the
+    runtime keeps it; each step's logits ``[batch, new, vocab]``."""
+    step = layout.shared_step(session, task_feeds, len(ids), max(capacity, ids.shape[1] + len(tokens)))
     logits, feed, width = [], ids, ids.shape[1]
     for token in [None, *tokens]:
         if token is not None:
             feed, width = token, width + 1
-        out = session.run(names, {"input_ids": feed, "attention_mask": np.ones((len(ids), width), np.int64),
-                                  **past, **task_feeds})
-        logits.append(out[0])
-        past = dict(zip(past, out[1:], strict=True))
+        out, _ = step({"input_ids": feed, "attention_mask": np.ones((len(ids), width), np.int64)}, None)
+        logits.append(out)
     return logits
 
 
@@ -48,28 +47,35 @@ def _flat(steps: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {f"step {i} logits": value for i, value in enumerate(steps)}
 
 
-def verify_fused(session, model: torch.nn.Module, cache: tuple[int, int, int], vocab: int,
-                 tasks: dict[str, dict[str, np.ndarray]], use_task: Callable[[str], None]) -> list[Check]:
-    """One check per task (its feeds ``[1, n]``) and one with a task per row (the tasks in turn).
+def verify_fused(session, model: torch.nn.Module, cache: tuple[CacheLayout, int], vocab: int,
+                 tasks: dict[str, dict[str, np.ndarray]], use_task: Callable[[str], None]
+                 ) -> tuple[list[Check], Check | None]:
+    """One check against PyTorch per task (its feeds ``[1, n]``) and one with a task per row (the tasks in
+    turn); and, apart, the per-row run against each task's own run in ONNX Runtime, which must agree to
+    rounding in any precision (int4 included). ``cache``: the layout and the buffer's least capacity;
     ``use_task(name)`` makes the PyTorch model run that task."""
     ids = np.random.default_rng(0).integers(3, vocab, (_BATCH, _PROMPT), dtype=np.int64)
     references = {}
     for name in tasks:
         use_task(name)
         references[name] = _torch_steps(model, ids)
-    checks = []
+    checks, alone = [], {}
     for name, feeds in tasks.items():
         expected, tokens = references[name]
-        got = _ort_steps(session, *cache, ids, tokens, feeds)
-        checks.append(compare_outputs(f"task '{name}' (prefill and {_DECODE_STEPS} decode steps)", _flat(got),
-                                      _flat(expected)))
-    if len(tasks) > 1:
-        order = [list(tasks)[row % len(tasks)] for row in range(_BATCH)]
-        per_row = {key: np.concatenate([tasks[name][key] for name in order]) for key in tasks[order[0]]}
-        tokens = [np.concatenate([references[name][1][step][row:row + 1] for row, name in enumerate(order)])
-                  for step in range(_DECODE_STEPS)]
-        expected = [np.concatenate([references[name][0][step][row:row + 1] for row, name in enumerate(order)])
-                    for step in range(_DECODE_STEPS + 1)]
-        got = _ort_steps(session, *cache, ids, tokens, per_row)
-        checks.append(compare_outputs(f"a task per row ({', '.join(order)})", _flat(got), _flat(expected)))
-    return checks
+        alone[name] = _ort_steps(session, *cache, ids, tokens, feeds)
+        checks.append(compare_outputs(f"task '{name}' (prefill and {_DECODE_STEPS} decode steps)",
+                                      _flat(alone[name]), _flat(expected)))
+    if len(tasks) == 1:
+        return checks, None
+    order = [list(tasks)[row % len(tasks)] for row in range(_BATCH)]
+
+    def rows(steps_of: Callable[[str], list[np.ndarray]], count: int) -> list[np.ndarray]:
+        """Row i of task order[i]'s steps, for each step."""
+        return [np.concatenate([steps_of(name)[step][row:row + 1] for row, name in enumerate(order)])
+                for step in range(count)]
+
+    per_row = {key: np.concatenate([tasks[name][key] for name in order]) for key in tasks[order[0]]}
+    got = _flat(_ort_steps(session, *cache, ids, rows(lambda n: references[n][1], _DECODE_STEPS), per_row))
+    label = f"a task per row ({', '.join(order)})"
+    checks.append(compare_outputs(label, got, _flat(rows(lambda n: references[n][0], _DECODE_STEPS + 1))))
+    return checks, compare_outputs(f"{label} vs each task alone", got, _flat(rows(alone.get, _DECODE_STEPS + 1)))

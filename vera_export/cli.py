@@ -110,9 +110,16 @@ def main() -> None:
               help="Causal LMs: a graph with a KV cache for generation (inputs past_key_values.N.key/value,"
                    " outputs present.N.key/value); PEFT folders also get genai_config.json and the base's"
                    " tokenizer files.")
+@click.option("--fused", type=click.Choice(["fp32", "int4"]),
+              help="Causal LMs from PEFT folders: onnxruntime-genai's model-builder graph of the base model"
+                   " (GroupQueryAttention, fused norms, packed projections; int4: MatMulNBits weights) with the"
+                   " VeRA branches grafted on: generation at the builder's speed, tasks still inputs. Implies"
+                   " --kv-cache.")
+@click.option("--builder-python", type=click.Path(dir_okay=False),
+              help="--fused: the Python with onnxruntime-genai==0.18.0 (default: $VERA_GENAI_PYTHON, else this one).")
 @_errors_as_messages
 def export_command(model_path, out, inputs, task_name, opset, tolerance, no_verify, hot_template, trust_pickle,
-                   base, legacy_adapters, more_adapters, model_class, kv_cache) -> None:
+                   base, legacy_adapters, more_adapters, model_class, kv_cache, fused, builder_python) -> None:
     """Export MODEL to one ONNX graph plus task files.
 
     MODEL is torch.save(model), a vera-export checkpoint, or a PEFT VeRA adapter folder
@@ -126,7 +133,16 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     progress = _progress(time.perf_counter())
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
                "hot_template": hot_template, "kv_cache": kv_cache}
-    if _is_adapter_folder(model_path):
+    if fused or builder_python:
+        _refuse_unfused(model_path, fused, inputs=inputs, hot_template=hot_template)
+        from ._fused import export_fused
+
+        adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_adapters)
+        peft_result = export_fused(adapters, out, base=base, model_class=model_class, precision=fused,
+                                   builder=builder_python, verify=not no_verify, progress=progress,
+                                   **({"tolerance": tolerance} if tolerance != DEFAULT_TOLERANCE else {}))
+        result = peft_result.export
+    elif _is_adapter_folder(model_path):
         from ._peft import export_peft
 
         adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_adapters)
@@ -165,6 +181,18 @@ def _as_float32(model, model_path: str) -> None:
         model.float()
         click.echo(f"Note: {model_path} holds {found} weights; exported in float32 (the graph's precision;"
                    " `vera-export convert --to fp16` makes a float16 form).", err=True)
+
+
+def _refuse_unfused(model_path: str, fused: str | None, **given) -> None:
+    """--fused starts from PEFT folders and sets the graph's inputs itself."""
+    if not fused:
+        raise click.UsageError("--builder-python applies to --fused exports.")
+    if not _is_adapter_folder(model_path):
+        raise click.UsageError("--fused exports PEFT adapter folders (the builder starts from the base model's"
+                               " folder); MODEL is a file.")
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value]
+    if named:
+        raise click.UsageError(f"{' and '.join(named)} do not apply to --fused exports.")
 
 
 def _is_adapter_folder(model_path: str) -> bool:

@@ -34,6 +34,7 @@ KEY_DIM_LIMITS = _PREFIX + "dim_limits"
 KEY_TASK_DEFAULTS = _PREFIX + "task_defaults"
 KEY_WEIGHTS = _PREFIX + "weights"
 KEY_HOT_TEMPLATE = _PREFIX + "hot_template_sha256"
+KEY_KV_SHARED = _PREFIX + "kv_shared_buffer"
 WEIGHT_TYPES = ("float32", "int8", "int4", "float16")
 
 LAMBDA_D = "vera_lambda_d"
@@ -95,6 +96,8 @@ class Contract:
     task_defaults: bool = True  # task inputs have default initializers (False: the web form, all required)
     weight_dtype: str = "float32"  # how the base weights are stored: float32, int8 (quantized) or float16
     hot_template_sha256: str | None = None  # of <stem>.hot.onnx and its data: the only template a session builds
+    # fused graphs (GroupQueryAttention): past and present share one buffer of at least this many positions
+    kv_shared_buffer: int | None = None
     version: str = CONTRACT_VERSION
 
     def task_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -115,7 +118,8 @@ class Contract:
                   ((KEY_INPUT_HIGHS, self.input_highs), (KEY_DIM_LIMITS, self.dim_limits)) if value}
         form = ({} if self.task_defaults else {KEY_TASK_DEFAULTS: "none"}) | (
             {} if self.weight_dtype == "float32" else {KEY_WEIGHTS: self.weight_dtype}) | (
-            {KEY_HOT_TEMPLATE: self.hot_template_sha256} if self.hot_template_sha256 else {})
+            {KEY_HOT_TEMPLATE: self.hot_template_sha256} if self.hot_template_sha256 else {}) | (
+            {KEY_KV_SHARED: str(self.kv_shared_buffer)} if self.kv_shared_buffer else {})
         return (heads if self.heads else {}) | digest | limits | form | {
             KEY_VERSION: self.version,
             KEY_R: str(self.r),
@@ -165,6 +169,7 @@ class Contract:
             task_defaults=checked.choice(metadata, KEY_TASK_DEFAULTS, ("graph", "none")) == "graph",
             weight_dtype=checked.choice(metadata, KEY_WEIGHTS, WEIGHT_TYPES),
             hot_template_sha256=checked.digest(metadata, KEY_HOT_TEMPLATE, required=False),
+            kv_shared_buffer=checked.integer(metadata, KEY_KV_SHARED, 1, 2**31, required=False),
         )
 
 

@@ -57,6 +57,34 @@ class CacheLayout:
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for name in self.past}
 
+    def shared_step(self, session, task_feeds: dict, batch: int, capacity: int):
+        """``cache_step`` for a graph whose past and present share one buffer (``vera.kv_shared_buffer``,
+        GroupQueryAttention): one ``[batch, kv_heads, capacity, head_dim]`` buffer per name, bound as both
+        past and present, so a step writes its new positions in place and copies nothing that grows."""
+        import onnxruntime as ort
+
+        def value(array):
+            return array if isinstance(array, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        buffers = [value(np.zeros(shape, np.float32)) for _ in self.past]
+        tasks = {name: value(array) for name, array in task_feeds.items()}  # bound once, reused each step
+
+        def step(feeds, past):
+            binding = session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            for name, bound in tasks.items():
+                binding.bind_ortvalue_input(name, bound)
+            for past_name, present_name, buffer in zip(self.past, self.present, buffers, strict=True):
+                binding.bind_ortvalue_input(past_name, buffer)
+                binding.bind_ortvalue_output(present_name, buffer)
+            session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy(), past
+
+        return step
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
@@ -193,7 +221,7 @@ def check_prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, sampling: Sampling,
-           tokens: TokenIds) -> Iterator[np.ndarray]:
+           tokens: TokenIds, prefill_all: bool = True) -> Iterator[np.ndarray]:
     """Yield the next token of every row, ``[batch]``, up to ``max_new_tokens`` times; rows that
     produced an eos token get ``tokens.pad`` after it, and the stream ends when every row has.
     ``step(feeds, past) -> (logits [batch, new, vocab], present by past name)``."""
@@ -201,7 +229,7 @@ def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new
     past = layout.empty(len(ids))
     running = np.ones(len(ids), dtype=bool)
     if not layout.position_ids:
-        yield from _stream_left_aligned(step, past, running, ids, mask, max_new_tokens, choose, tokens)
+        yield from _stream_tokens_first(step, past, running, ids, mask, max_new_tokens, choose, tokens, prefill_all)
         return
     feed_ids, position_ids = ids, positions(mask)
     for _ in range(max_new_tokens):
@@ -217,18 +245,29 @@ def stream(step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new
         position_ids = position_ids[:, -1:] + 1  # every row ends in a real token: the next one follows it
 
 
-def _stream_left_aligned(step, past, running, ids, mask, max_new_tokens, choose, tokens) -> Iterator[np.ndarray]:
-    """``stream`` for graphs without position ids (GroupQueryAttention): each row's tokens come first
-    and its mask counts them, so each new token lands right after its own row's last one."""
-    lengths = mask.sum(-1)
-    feed_ids = np.stack([np.roll(row, n) for row, n in zip(ids, lengths, strict=True)])  # left padding to right
-    width, last = ids.shape[1], lengths - 1  # the column of each row's last token
-    for _ in range(max_new_tokens):
-        feeds = {"input_ids": feed_ids, "attention_mask": (np.arange(width) < lengths[:, None]).astype(np.int64)}
-        logits, past = step(feeds, past)
-        chosen = np.where(running, choose(logits[np.arange(len(ids)), last]), tokens.pad).astype(np.int64)
-        running &= ~np.isin(chosen, tokens.eos)
-        yield chosen
+def _stream_tokens_first(step, past, running, ids, mask, max_new_tokens, choose, tokens,
+                         prefill_all: bool) -> Iterator[np.ndarray]:
+    """``stream`` for graphs without position ids (GroupQueryAttention): each row's tokens come first and
+    its mask counts them, so each new token lands right after its own row's last one.
+
+    ``prefill_all=False`` (graphs with sliding-window caches, which refuse a padded prefill): the prefill
+    takes the shortest prompt's length from every row, and longer prompts are fed a token per step while
+    the shorter rows already generate; each row's tokens are yielded in step with the others."""
+    lengths, rows = mask.sum(-1), np.arange(len(ids))
+    prompts = np.stack([np.roll(row, n) for row, n in zip(ids, lengths, strict=True)])  # left padding to right
+    width = int(lengths.max() if prefill_all else lengths.min())
+    fed, feed_ids, last = np.minimum(lengths, width), prompts[:, :width], np.minimum(lengths, width) - 1
+    made: list[list[int]] = [[] for _ in rows]
+    for yielded in range(max_new_tokens):
+        while any(len(tokens_of_row) <= yielded for tokens_of_row in made):
+            feeds = {"input_ids": feed_ids, "attention_mask": (np.arange(width) < fed[:, None]).astype(np.int64)}
+            logits, past = step(feeds, past)
+            chosen = choose(logits[rows, last])
+            for row in rows[fed >= lengths]:  # rows past their prompt generated a token
+                made[row].append(int(chosen[row]) if running[row] else tokens.pad)
+                running[row] &= made[row][-1] not in tokens.eos
+            next_ids = [prompts[row, fed[row]] if fed[row] < lengths[row] else made[row][-1] for row in rows]
+            feed_ids, fed, width, last = np.array(next_ids, np.int64)[:, None], fed + 1, width + 1, np.zeros_like(last)
+        yield np.array([tokens_of_row[yielded] for tokens_of_row in made], np.int64)
         if not running.any():
             return
-        feed_ids, lengths, width, last = chosen[:, None], lengths + 1, width + 1, np.zeros_like(last)

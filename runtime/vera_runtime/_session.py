@@ -293,8 +293,14 @@ class VeraSession:
         check_feeds({"input_ids": ids, "attention_mask": mask, **positions, **self.cache.empty(len(ids))},
                     self._inputs, self._task_inputs, self.contract)
         session = hot.session if hot else self._session
-        step = cache_step(session, self.cache, task_feeds, on_device=self.device == "cuda")
-        return stream(step, self.cache, ids, mask, max_new_tokens, sampling, tokens)
+        if self.contract.kv_shared_buffer:  # the fused graph: the positions this call needs, at least its minimum
+            capacity = max(ids.shape[1] + max_new_tokens, self.contract.kv_shared_buffer)
+            step = self.cache.shared_step(session, task_feeds, len(ids), capacity)
+        else:
+            step = cache_step(session, self.cache, task_feeds, on_device=self.device == "cuda")
+        # sliding-window caches (a least buffer above 1) refuse a prefill with padded rows
+        prefill_all = (self.contract.kv_shared_buffer or 1) == 1
+        return stream(step, self.cache, ids, mask, max_new_tokens, sampling, tokens, prefill_all)
 
     def require_cache(self) -> None:
         """FeedError unless the graph takes a KV cache (``vera-export --kv-cache``): generation needs one."""
