@@ -63,7 +63,7 @@ def run_builder(python: str, base: Path, out: Path, precision: str, cache: Path)
     if done.returncode != 0 or not graph.is_file():
         tail = " | ".join(line.strip() for line in (done.stderr or done.stdout).strip().splitlines()[-3:])
         raise VeraExportError(
-            f"onnxruntime-genai's builder failed on {base} (exit {done.returncode}): {tail}. Its supported"
-            " families are Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and others it lists; others export without --fused."
+            f"onnxruntime-genai's builder failed on {base} (exit {done.returncode}): {tail}. It builds Llama,"
+            " Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and other families it lists; export others without --fused."
         )
     return graph

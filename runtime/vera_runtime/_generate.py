@@ -64,7 +64,9 @@ class CacheLayout:
         import onnxruntime as ort
 
         def value(array):
-            return array if isinstance(array, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            if isinstance(array, ort.OrtValue):
+                return array
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         buffers = [value(np.zeros(shape, np.float32)) for _ in self.past]

@@ -52,8 +52,9 @@ from ._taskfile import (
 __all__ = [
     "ADAPTER_SUFFIX", "COMPANION_FILES", "CacheLayout", "GENAI_CONFIG", "HOT_SUFFIX", "JOURNAL_SUFFIX",
     "KEY_BASE_DIGEST", "KEY_DEFAULT_TASK", "KEY_DIGEST", "KEY_DIM_LIMITS", "KEY_FINGERPRINT", "KEY_HEADS",
-    "KEY_HOT_TEMPLATE", "KEY_INPUT_HIGHS", "KEY_KV_SHARED", "KEY_LAYERS", "KEY_R", "KEY_RECIPE", "KEY_SEED", "KEY_TASK_DEFAULTS",
-    "KEY_VERSION", "KEY_WEIGHTS", "LABELS_SUFFIX", "LAMBDA_B", "LAMBDA_D", "MASKS", "PAST", "PRESENT",
+    "KEY_HOT_TEMPLATE", "KEY_INPUT_HIGHS", "KEY_KV_SHARED", "KEY_LAYERS", "KEY_R", "KEY_RECIPE", "KEY_SEED",
+    "KEY_TASK_DEFAULTS", "KEY_VERSION", "KEY_WEIGHTS", "LABELS_SUFFIX", "LAMBDA_B", "LAMBDA_D", "MASKS", "PAST",
+    "PRESENT",
     "STAGING_SUFFIX", "TASK_SUFFIX", "adapter_model_version", "check_task_name", "hot_template_path", "is_task_name",
     "journal_path", "labels_path", "own_names", "positions", "staged_for", "staging_path", "task_file_paths",
     "task_files_beside",
