@@ -120,7 +120,8 @@ def export_fused(
         built = run_builder(python, base_path, scratch / "built", precision, scratch / "cache")
         ir_model = ir.load(built)
         # 3. Graft, and record the contract.
-        contract = _fused_contract(adapted, root, ir_model)
+        contract = dataclasses.replace(_fused_contract(adapted, root, ir_model),
+                                       weight_dtype="int4" if precision == "int4" else "float32")
         task = current_task(adapted, contract)
         targets = find_targets(ir_model, contract.layers, _widths(root.config))
         progress(f"Grafting {len(targets)} VeRA layers (r={contract.r}) onto {len(ir_model.graph)} builder nodes ...")

@@ -1,0 +1,223 @@
+"""The fused decoder (``vera-export ADAPTER --fused fp32|int4``): onnxruntime-genai's builder graph of the
+base model with the VeRA branches grafted on. Each family's graph generates PEFT's own tokens for each
+task and for padded batches with a task per row; the int4 graph switches tasks per row and runs in
+onnxruntime-genai with our adapters; the export's own check fails when a branch lands in the wrong place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from peft_folders import add_tokenizer, make_adapter, make_base, model_class
+
+from helpers import genai_python
+from vera_export import VeraExportError
+from vera_export import _graft
+from vera_export._fused import export_fused
+from vera_export._peft import export_peft
+from vera_export.cli import main
+from vera_runtime import VeraSession
+
+TASKS = ("alpha", "beta")
+NEW = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    root: Path
+    base: Path
+    adapters: dict[str, str]
+
+
+def _build(root: Path, family: str) -> Built:
+    base = make_base(root / "base", family, **({"hidden_size": 64} if family in ("llama", "qwen2") else {}))
+    add_tokenizer(base, 1000)
+    adapters = {task: str(make_adapter(root / task, base, family, seed)) for seed, task in enumerate(TASKS, 1)}
+    return Built(root, base, adapters)
+
+
+def _export(built: Built, precision: str, name: str = "fused", **options) -> Path:
+    out = built.root / f"{name}-{precision}" / "model.onnx"
+    out.parent.mkdir()
+    export_fused(built.adapters, out, base=built.base, precision=precision, builder=genai_python(), **options)
+    return out
+
+
+def _peft(built: Built, family: str):
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = model_class(family).from_pretrained(built.base)
+        model = PeftModel.from_pretrained(model, built.adapters[TASKS[0]], adapter_name=TASKS[0])
+        model.load_adapter(built.adapters[TASKS[1]], adapter_name=TASKS[1])
+    return model.eval()
+
+
+def _prompts():
+    """Three rows of 7, 4 and 2 tokens, left-padded with 0."""
+    rng = np.random.default_rng(1)
+    lengths = np.array([7, 4, 2])
+    mask = (np.arange(7)[None] >= 7 - lengths[:, None]).astype(np.int64)
+    return np.where(mask == 1, rng.integers(4, 1000, (3, 7)), 0), mask
+
+
+def _session(graph: Path) -> VeraSession:
+    session = VeraSession(graph, device="cpu")
+    session.load_tasks_beside()
+    return session
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Built, Path, Path]:
+    built = _build(tmp_path_factory.mktemp("fused-llama"), "llama")
+    return built, _export(built, "fp32"), _export(built, "int4")
+
+
+FAMILIES = ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("phi3", marks=pytest.mark.slow),
+            pytest.param("gemma2", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_graph_generates_peft_tokens_per_task_and_per_row(family, llama, tmp_path):
+    """Padded prompts (7, 4 and 2 tokens), a task per row: each row's tokens are PEFT's for its task, as are
+    one-task runs. Gemma 2's sliding-window layers refuse a padded prefill: the runtime feeds the longer
+    prompts a token per step there, which this covers too."""
+    built, graph = (llama[0], llama[1]) if family == "llama" else ((b := _build(tmp_path, family)), _export(b, "fp32"))
+    session, peft = _session(graph), _peft(built, family)
+    ids, mask = _prompts()
+    rows = ["alpha", "beta", "alpha"]
+    mixed = session.generate(ids, mask, tasks=rows, max_new_tokens=NEW, eos_token_id=[])
+    for row, task in enumerate(rows):
+        prompt = ids[row:row + 1, mask[row] == 1]
+        peft.set_adapter(task)
+        with torch.no_grad():
+            expected = peft.generate(input_ids=torch.tensor(prompt), max_new_tokens=NEW, min_new_tokens=NEW,
+                                     do_sample=False)[0, -NEW:].numpy()
+        np.testing.assert_array_equal(mixed[row, -NEW:], expected, err_msg=f"{family} row {row} ({task})")
+        alone = session.generate(prompt, task=task, max_new_tokens=NEW, eos_token_id=[])
+        np.testing.assert_array_equal(alone[0, -NEW:], expected)
+    assert not np.array_equal(mixed[0, -NEW:], session.generate(ids, mask, task="beta", max_new_tokens=NEW,
+                                                               eos_token_id=[])[0, -NEW:])
+
+
+def test_the_graph_is_the_builders_with_task_inputs(llama):
+    """GroupQueryAttention, fused norms and one packed q|k|v MatMul per layer (int4: MatMulNBits); λ inputs
+    [tasks, n] with the exported task as defaults; no position_ids; the contract's dimension names."""
+    built, fp32, int4 = llama
+    for graph, matmul in ((fp32, "MatMul"), (int4, "MatMulNBits")):
+        proto = onnx.load(graph, load_external_data=False)
+        ops = [node.op_type for node in proto.graph.node]
+        assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
+        assert any(n.op_type == matmul and n.name.startswith("/model/layers.0/attn/qkv_proj/") for n in proto.graph.node)
+        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+        assert "position_ids" not in inputs
+        assert inputs["past_key_values.0.key"] == ["batch", 2, "past_sequence", 16]
+        lambdas = [name for name in inputs if name.endswith(".vera_lambda_d")]
+        assert len(lambdas) == 4 and inputs[lambdas[0]] == ["tasks", 16]
+        assert set(lambdas) <= {i.name for i in proto.graph.initializer}
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        assert metadata["vera.kv_shared_buffer"] == "1" and metadata["vera.default_task"] == "alpha"
+        assert metadata["vera.graph_builder"].startswith("onnxruntime-genai 0.18.0 model builder")
+    assert (_session(fp32).contract.weight_dtype, _session(int4).contract.weight_dtype) == ("float32", "int4")
+
+
+def test_task_files_fit_the_traced_graph_of_the_same_adapters(llama, tmp_path):
+    """The same fingerprint as a traced --kv-cache export: one task file serves both graphs."""
+    built, fused, _ = llama
+    traced = tmp_path / "traced.onnx"
+    export_peft(built.adapters, traced, base=built.base, kv_cache=True)
+    assert _session(fused).contract.fingerprint == _session(traced).contract.fingerprint
+    session = VeraSession(traced, device="cpu")
+    session.load_task("beta", fused.with_name("model.beta.task.safetensors"))
+    ids, mask = _prompts()
+    np.testing.assert_array_equal(session.generate(ids, mask, task="beta", max_new_tokens=NEW, eos_token_id=[]),
+                                  _session(fused).generate(ids, mask, task="beta", max_new_tokens=NEW, eos_token_id=[]))
+
+
+def test_the_int4_graph_switches_tasks_per_row_and_genai_runs_it_with_our_adapters(llama, tmp_path):
+    built, _, int4 = llama
+    session = _session(int4)
+    ids, mask = _prompts()
+    rows = ["beta", "alpha", "beta"]
+    mixed = session.generate(ids, mask, tasks=rows, max_new_tokens=NEW, eos_token_id=[])
+    for row, task in enumerate(rows):
+        alone = session.generate(ids[row:row + 1, mask[row] == 1], task=task, max_new_tokens=NEW, eos_token_id=[])
+        np.testing.assert_array_equal(mixed[row, -NEW:], alone[0, -NEW:])
+    prompt = [5, 17, 300, 42]
+    adapters = {t: str(int4.with_name(f"model.{t}.onnx_adapter")) for t in TASKS}
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
+    script = Path(__file__).parent / "genai" / "generate.py"
+    done = subprocess.run([str(genai_python()), str(script), str(int4.parent), str(request)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    for task in TASKS:
+        ours = session.generate(np.array([prompt]), task=task, max_new_tokens=NEW, eos_token_id=[])
+        assert got[task] == ours[0].tolist(), task
+    assert got[TASKS[0]] != got[TASKS[1]]
+
+
+def test_a_branch_in_the_wrong_slot_fails_the_export(llama, monkeypatch):
+    """The packed q|k|v offsets matter: with k and v swapped, v's delta lands on k's columns, PEFT disagrees,
+    and nothing is written."""
+    built = llama[0]
+    monkeypatch.setitem(_graft._PACKED, "qkv_proj", ("q_proj", "v_proj", "k_proj"))
+    with pytest.raises(VeraExportError, match="differs from PyTorch"):
+        _export(built, "fp32", name="swapped")
+    assert not list((built.root / "swapped-fp32").iterdir())
+
+
+def test_layers_the_builder_has_no_place_for_are_refused(llama):
+    built, fp32, _ = llama
+    import onnx_ir as ir
+
+    from vera_runtime import LayerSpec
+
+    model = ir.load(fp32)
+    with pytest.raises(VeraExportError, match="'base_model.model.lm_head' cannot be grafted.*not a projection"):
+        _graft.find_targets(model, (LayerSpec("base_model.model.lm_head", 64, 1000),), {})
+    with pytest.raises(VeraExportError, match="no MatMul for it under /model/layers.0/attn/"):
+        _graft.find_targets(model, (LayerSpec("m.layers.0.self_attn.rotary", 64, 64),), {})
+
+
+def test_a_builder_python_without_genai_and_a_base_without_tokenizer_are_refused(llama, tmp_path):
+    built = llama[0]
+    with pytest.raises(VeraExportError, match="cannot import onnxruntime-genai's model builder.*--builder-python"):
+        export_fused(built.adapters, tmp_path / "m.onnx", base=built.base, builder=sys.executable)  # the test environment has no genai
+    bare = make_base(tmp_path / "bare", "llama", hidden_size=64)
+    with pytest.raises(VeraExportError, match="has no tokenizer"):
+        export_fused(built.adapters, tmp_path / "m.onnx", base=bare, builder=genai_python())
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hot-template"], "--hot-template do not apply to --fused"),
+    (["--input", "input_ids:int64:batch=1,sequence=4"], "--input do not apply to --fused"),
+])
+def test_the_cli_refuses_options_fused_cannot_honour(llama, tmp_path, extra, message):
+    built = llama[0]
+    result = CliRunner().invoke(main, [built.adapters["alpha"], "--base", str(built.base), "--fused", "fp32",
+                                       "--out", str(tmp_path / "m.onnx"), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_the_cli_exports_fused(llama, tmp_path):
+    built = llama[0]
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, [built.adapters["alpha"], "--base", str(built.base), "--fused", "int4",
+                                       "--builder-python", str(genai_python()), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "vs each task alone" not in result.output  # one task: no per-row check to report
+    assert out.with_name("m.onnx.data").is_file() and out.with_name("m.alpha.onnx_adapter").is_file()
+    assert json.loads(out.with_name("genai_config.json").read_text())["model"]["decoder"]["filename"] == "m.onnx"
