@@ -2,7 +2,7 @@
 
     python genai_generate.py FOLDER ADAPTER BATCH PROMPT NEW REPEATS THREADS -> {"seconds": [...], "tokens": [...]}
 
-One adapter for the whole batch (genai activates adapters per generator, not per row).
+One adapter for the whole batch (genai activates adapters per generator, not per row); ADAPTER "-": none.
 """
 
 import json
@@ -19,7 +19,8 @@ def main(folder, adapter, batch, prompt, new, repeats, threads):
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
     model = og.Model(config)
     adapters = og.Adapters(model)
-    adapters.load(adapter, "task")
+    if adapter != "-":
+        adapters.load(adapter, "task")
     ids = np.random.default_rng(0).integers(4, 1000, (batch, prompt)).astype(np.int32)
     seconds, tokens = [], None
     for _ in range(repeats + 1):  # the first run warms up
@@ -28,7 +29,8 @@ def main(folder, adapter, batch, prompt, new, repeats, threads):
                                   batch_size=batch)
         start = time.perf_counter()
         generator = og.Generator(model, params)
-        generator.set_active_adapter(adapters, "task")
+        if adapter != "-":
+            generator.set_active_adapter(adapters, "task")
         generator.append_tokens(ids)
         while not generator.is_done():
             generator.generate_next_token()

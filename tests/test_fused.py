@@ -20,8 +20,7 @@ from click.testing import CliRunner
 from peft_folders import add_tokenizer, make_adapter, make_base, model_class
 
 from helpers import genai_python
-from vera_export import VeraExportError
-from vera_export import _graft
+from vera_export import VeraExportError, _graft
 from vera_export._fused import export_fused
 from vera_export._peft import export_peft
 from vera_export.cli import main
@@ -118,7 +117,8 @@ def test_the_graph_is_the_builders_with_task_inputs(llama):
         proto = onnx.load(graph, load_external_data=False)
         ops = [node.op_type for node in proto.graph.node]
         assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
-        assert any(n.op_type == matmul and n.name.startswith("/model/layers.0/attn/qkv_proj/") for n in proto.graph.node)
+        qkv = [n.op_type for n in proto.graph.node if n.name.startswith("/model/layers.0/attn/qkv_proj/MatMul")]
+        assert qkv == [matmul]
         inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
         assert "position_ids" not in inputs
         assert inputs["past_key_values.0.key"] == ["batch", 2, "past_sequence", 16]
@@ -194,7 +194,7 @@ def test_layers_the_builder_has_no_place_for_are_refused(llama):
 def test_a_builder_python_without_genai_and_a_base_without_tokenizer_are_refused(llama, tmp_path):
     built = llama[0]
     with pytest.raises(VeraExportError, match="cannot import onnxruntime-genai's model builder.*--builder-python"):
-        export_fused(built.adapters, tmp_path / "m.onnx", base=built.base, builder=sys.executable)  # the test environment has no genai
+        export_fused(built.adapters, tmp_path / "m.onnx", base=built.base, builder=sys.executable)  # no genai here
     bare = make_base(tmp_path / "bare", "llama", hidden_size=64)
     with pytest.raises(VeraExportError, match="has no tokenizer"):
         export_fused(built.adapters, tmp_path / "m.onnx", base=bare, builder=genai_python())
@@ -221,3 +221,22 @@ def test_the_cli_exports_fused(llama, tmp_path):
     assert "vs each task alone" not in result.output  # one task: no per-row check to report
     assert out.with_name("m.onnx.data").is_file() and out.with_name("m.alpha.onnx_adapter").is_file()
     assert json.loads(out.with_name("genai_config.json").read_text())["model"]["decoder"]["filename"] == "m.onnx"
+
+
+def test_vera_run_generate_runs_the_fused_graph(llama, capsys):
+    """Prompts of unequal length, a task per row, through the CLI: each line is what the session generates."""
+    from tokenizers import Tokenizer
+
+    from vera_runtime.cli import main as vera_run
+
+    built, _, int4 = llama
+    prompts = ["w5 w17 w300 w42", "w7 w8"]
+    tokenizer = Tokenizer.from_file(str(built.base / "tokenizer.json"))
+    assert vera_run(["generate", str(int4), "--prompt", prompts[0], "--prompt", prompts[1], "--tasks", "alpha,beta",
+                     "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    session = _session(int4)
+    for line, prompt, task in zip(lines, prompts, ("alpha", "beta"), strict=True):
+        ids = np.array([tokenizer.encode(prompt).ids])
+        new = session.generate(ids, task=task, max_new_tokens=6)[0, ids.shape[1]:]
+        assert line == f"[{task}] {tokenizer.decode(new.tolist(), skip_special_tokens=True)}"

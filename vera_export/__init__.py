@@ -28,6 +28,7 @@ _WHERE = {
     "apply_vera": "_layer",
     "export": "_export",
     "export_peft": "_peft",
+    "export_fused": "_fused",
     "export_lora": "_lora",
     "export_plain": "_plain",
     "load_model": "_checkpoint",
@@ -38,8 +39,8 @@ _WHERE = {
 __all__ = [
     "ConvertResult", "Dim", "ExportResult", "InputSpec", "LoadedModel", "LoraResult", "PeftExportResult",
     "UntrustedFileError", "Verification", "VeraConfig", "VeraExportError", "VeraLinear", "add_peft_task", "add_task",
-    "apply_vera", "convert", "export", "export_lora", "export_peft", "export_plain", "load_model", "read_contract",
-    "save_checkpoint",
+    "apply_vera", "convert", "export", "export_fused", "export_lora", "export_peft", "export_plain", "load_model",
+    "read_contract", "save_checkpoint",
 ]
 
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._convert import ConvertResult, convert
     from ._errors import UntrustedFileError, VeraExportError
     from ._export import ExportResult, add_task, export
+    from ._fused import export_fused
     from ._graphfile import read_contract
     from ._inputs import Dim, InputSpec
     from ._layer import VeraConfig, VeraLinear, apply_vera

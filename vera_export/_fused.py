@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from torch import nn
 
 from vera_runtime import Contract
-from vera_runtime.layout import GENAI_CONFIG, CacheLayout, task_file_paths
+from vera_runtime.files import template_digest
+from vera_runtime.layout import GENAI_CONFIG, CacheLayout, hot_template_path, task_file_paths
 
 from ._builder import BUILDER_VERSION, builder_python, check_base, run_builder
 from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
@@ -34,10 +36,11 @@ from ._errors import VeraExportError
 from ._export import ExportResult, _contract, _require_pass, _stage_task, current_task, stage_task
 from ._genai import stage_tokenizer_files
 from ._graft import find_targets, graft, name_dims, set_contract
+from ._passes import HOT_TEMPLATE_KEY
 from ._peft import PeftExportResult, PeftRoot, _read_all, _stage_labels, load_peft_models, resolve_base
 from ._staging import Staging, check_writable
 from ._verify import Verification, ort_session
-from ._verify_fused import verify_fused
+from ._verify_fused import verify_fused, verify_hot
 
 
 def _widths(config) -> dict[str, int]:
@@ -90,6 +93,7 @@ def export_fused(
     builder: str | os.PathLike | None = None,
     verify: bool = True,
     tolerance: float | None = None,
+    hot_template: bool = False,
     progress: Callable[[str], None] = lambda message: None,
 ) -> PeftExportResult:
     """Export PEFT VeRA adapters over a causal LM as the builder's fused decoder with VeRA branches.
@@ -98,6 +102,8 @@ def export_fused(
     ``builder``: the Python holding onnxruntime-genai (default ``$VERA_GENAI_PYTHON``, else this one).
     ``tolerance``: the largest difference from PEFT accepted, relative to the logits' scale (default 1e-5
     for fp32, 0.5 for int4 as ``convert --to int4``); a task per row must equal each task alone to 1e-5.
+    ``hot_template``: also write ``<stem>.hot.onnx`` (a second copy of the weights), from which the runtime
+    serves one task with its VeRA weights folded per builder MatMul (``VeraSession.specialize``).
     Writes ``out`` (+ ``.data``), ``genai_config.json``, the tokenizer and one task file per adapter.
     """
     start, out = time.perf_counter(), Path(out)
@@ -119,15 +125,27 @@ def export_fused(
         progress(f"Building the base decoder with onnxruntime-genai {BUILDER_VERSION}'s builder ({precision}) ...")
         built = run_builder(python, base_path, scratch / "built", precision, scratch / "cache")
         ir_model = ir.load(built)
-        # 3. Graft, and record the contract.
+        # 3. Graft, and record the contract (the hot template first: the graph records its digest).
         contract = dataclasses.replace(_fused_contract(adapted, root, ir_model),
                                        weight_dtype="int4" if precision == "int4" else "float32")
         task = current_task(adapted, contract)
         targets = find_targets(ir_model, contract.layers, _widths(root.config))
         progress(f"Grafting {len(targets)} VeRA layers (r={contract.r}) onto {len(ir_model.graph)} builder nodes ...")
-        graft(ir_model, targets, adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), task.tensors)
-        name_dims(ir_model, _head_dim(root.config))
-        set_contract(ir_model, contract, f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu")
+        branches = (adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), task.tensors)
+        label = f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu"
+        if hot_template:
+            hot_model = ir.load(built)
+            hot_targets = find_targets(hot_model, contract.layers, _widths(root.config))
+            names = graft(hot_model, hot_targets, *branches, hot=True)
+            _finish(hot_model, root, contract, label)
+            hot_model.metadata_props[HOT_TEMPLATE_KEY] = json.dumps(names)
+            hot_path = scratch / hot_template_path(out).name
+            ir.save(hot_model, hot_path, external_data=f"{hot_path.name}.data")
+            del hot_model
+            _move_to_data(hot_path, names)
+            contract = dataclasses.replace(contract, hot_template_sha256=template_digest(hot_path))
+        graft(ir_model, targets, *branches)
+        _finish(ir_model, root, contract, label)
         ir.save(ir_model, scratch / out.name, external_data=f"{out.name}.data")
         del ir_model
         gc.collect()
@@ -137,10 +155,13 @@ def export_fused(
             progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
             names = [adapter.name for adapter in read]
             default = DEFAULT_TOLERANCE if precision == "fp32" else FORM_TOLERANCES[precision]
-            verification = _verify(scratch / out.name, loaded.model, root, contract, names, tolerance or default)
+            template = scratch / hot_template_path(out).name if hot_template else None
+            verification = _verify(scratch / out.name, loaded.model, root, contract, names, tolerance or default,
+                                   template)
         # 5. Stage the set.
-        for written in (scratch / out.name, scratch / f"{out.name}.data"):
-            os.replace(written, staging.path(out.with_name(written.name)))
+        for written in sorted(scratch.iterdir()):
+            if written.is_file():
+                os.replace(written, staging.path(out.with_name(written.name)))
         _stage_genai_config(built.parent, out, staging)
         stage_tokenizer_files(out, base_path, staging)
         _stage_labels(out, read, loaded.model, contract, staging)
@@ -154,8 +175,46 @@ def export_fused(
     return PeftExportResult(result, tuple(task_files), loaded.notes)
 
 
+def _move_to_data(template: Path, names: list[str]) -> None:
+    """Store the λ initializers of a saved template in its ``.data`` file, as ONNX Runtime's
+    ``add_external_initializers`` requires of what it replaces (small ones were saved inline)."""
+    import onnx
+    from onnx import external_data_helper
+
+    proto = onnx.load(str(template), load_external_data=False)
+    data = Path(f"{template}.data")
+    with open(data, "ab") as handle:
+        for tensor in proto.graph.initializer:
+            if tensor.name in names and tensor.HasField("raw_data"):
+                offset, raw = handle.tell(), tensor.raw_data
+                handle.write(raw)
+                external_data_helper.set_external_data(tensor, data.name, offset, len(raw))
+                tensor.ClearField("raw_data")
+    onnx.save(proto, str(template))
+
+
+def _finish(ir_model: ir.Model, root: nn.Module, contract: Contract, label: str) -> None:
+    name_dims(ir_model, _head_dim(root.config))
+    set_contract(ir_model, contract, label)
+
+
+def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
+    """A session of the hot template with one task's λ, built as the runtime builds it."""
+    import onnxruntime as ort
+
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in tensors.values()]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_external_initializers(list(tensors), values)
+    session = ort.InferenceSession(str(template), options, providers=["CPUExecutionProvider"])
+    session.vera_values = values  # ORT does not own external initializers: keep them as long as the session
+    return session
+
+
 def _verify(graph: Path, peft_model: nn.Module, root: nn.Module, contract: Contract, names: list[str],
-            tolerance: float) -> Verification:
+            tolerance: float, template: Path | None) -> Verification:
+    """Each task and a task per row against PEFT (``tolerance``); a task per row against each task alone,
+    and each task's hot session (``template``) against the graph, to rounding (``DEFAULT_TOLERANCE``)."""
     def use_task(name: str) -> None:
         peft_model.set_adapter(name)
 
@@ -167,8 +226,12 @@ def _verify(graph: Path, peft_model: nn.Module, root: nn.Module, contract: Contr
     session = ort_session(graph)
     cache = (_cache_layout(root.config), contract.kv_shared_buffer)
     checks, rows = verify_fused(session, peft_model, cache, contract.input_highs["input_ids"], feeds, use_task)
+    exact = [rows] if rows is not None else []
+    if template is not None:  # each task folded into the hot template computes what the graph does
+        exact += verify_hot(session, lambda name: _hot_session(template, feeds[name]), cache,
+                            contract.input_highs["input_ids"], feeds)
     del session
-    if rows is not None:
-        _require_pass(Verification((rows,), DEFAULT_TOLERANCE))
+    if exact:
+        _require_pass(Verification(tuple(exact), DEFAULT_TOLERANCE))
     _require_pass(Verification(tuple(checks), tolerance))
-    return Verification((*checks, *filter(None, [rows])), tolerance)
+    return Verification((*checks, *exact), tolerance)

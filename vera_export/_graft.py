@@ -109,7 +109,7 @@ class _Nodes:
     """Adds nodes to ``graph`` under a name prefix (``graft`` sorts the graph once at the end)."""
 
     def __init__(self, graph: ir.Graph, prefix: str) -> None:
-        self.graph, self.prefix, self.count = graph, prefix, 0
+        self.graph, self.prefix, self.count, self.memo = graph, prefix, 0, {}
 
     def __call__(self, op: str, *inputs: ir.Value, **attributes) -> ir.Value:
         self.count += 1
@@ -126,6 +126,12 @@ class _Nodes:
                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype))))
         return self.graph.initializers[name]
 
+    def once(self, key, make) -> ir.Value:
+        """``make()``'s value, built the first time ``key`` is asked for."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
     def ints(self, *values: int) -> ir.Value:
         return self.constant(f"vera/ints_{'_'.join(map(str, values))}", np.array(values, np.int64))
 
@@ -139,54 +145,94 @@ def _task_input(graph: ir.Graph, name: str, size: int, default: np.ndarray) -> i
     return value
 
 
-def _delta(op: _Nodes, layer: LayerSpec, x: ir.Value, shared: dict, task: dict[str, np.ndarray]) -> ir.Value:
-    """``((x @ A[:, :in]ᵀ) ⊙ Λd) @ B[:out, :]ᵀ ⊙ Λb`` for one layer, ``x @ Aᵀ`` shared by layers reading ``x``."""
-    a, b = op.graph.initializers["vera_A"], op.graph.initializers["vera_B"]
-    r = a.shape[0]
-    key = (x.name, layer.in_features)
-    if key not in shared:
-        a_slice = op("Slice", a, op.ints(0), op.ints(layer.in_features), op.ints(1))
-        shared[key] = op("MatMul", x, op("Transpose", a_slice, perm=[1, 0]))
-    lambda_d = _task_input(op.graph, layer.lambda_d, r, task[layer.lambda_d])
+def _a_t(op: _Nodes, width: int) -> ir.Value:
+    """``A[:, :width]ᵀ``, one node per width: ONNX Runtime folds it into one constant shared by every
+    layer of that width, which stays in cache from layer to layer (one copy per layer did not)."""
+    a = op.graph.initializers["vera_A"]
+    return op.once(("A", width), lambda: op("Transpose", op("Slice", a, op.ints(0), op.ints(width), op.ints(1)),
+                                            perm=[1, 0]))
+
+
+def _b_t(op: _Nodes, width: int) -> ir.Value:
+    """``B[:width, :]ᵀ``, one node per width, as ``_a_t``."""
+    b = op.graph.initializers["vera_B"]
+    return op.once(("B", width), lambda: op("Transpose", op("Slice", b, op.ints(0), op.ints(width), op.ints(0)),
+                                            perm=[1, 0]))
+
+
+def _delta(op: _Nodes, layer: LayerSpec, x: ir.Value, task: dict[str, np.ndarray]) -> ir.Value:
+    """``((x @ A[:, :in]ᵀ) ⊙ Λd) @ B[:out, :]ᵀ ⊙ Λb`` for one layer, λ as task inputs; ``x @ Aᵀ`` is shared by
+    the layers that read ``x``."""
+    xa = op.once((x.name, layer.in_features), lambda: op("MatMul", x, _a_t(op, layer.in_features)))
+    lambda_d = _task_input(op.graph, layer.lambda_d, op.graph.initializers["vera_A"].shape[0], task[layer.lambda_d])
     lambda_b = _task_input(op.graph, layer.lambda_b, layer.out_features, task[layer.lambda_b])
-    b_slice = op("Slice", b, op.ints(0), op.ints(layer.out_features), op.ints(0))
-    scaled = op("Mul", shared[key], op("Unsqueeze", lambda_d, op.ints(1)))
-    return op("Mul", op("MatMul", scaled, op("Transpose", b_slice, perm=[1, 0])), op("Unsqueeze", lambda_b, op.ints(1)))
+    scaled = op("Mul", xa, op("Unsqueeze", lambda_d, op.ints(1)))
+    return op("Mul", op("MatMul", scaled, _b_t(op, layer.out_features)), op("Unsqueeze", lambda_b, op.ints(1)))
+
+
+def _place(op: _Nodes, piece: ir.Value, t: Target, axis: int) -> ir.Value:
+    """``piece`` (the layer's outputs along ``axis``, the last) cut to the target's part and padded with
+    zeros to the node's width at the target's offset."""
+    if (t.start, t.stop) != (0, t.layer.out_features):  # one part of a projection the builder split
+        piece = op("Slice", piece, op.ints(t.start), op.ints(t.stop), op.ints(-1))
+    if t.stop - t.start != t.width:  # one slot of a packed output: zeros around it
+        before, after = [0] * axis + [t.offset], [0] * axis + [t.width - t.offset - (t.stop - t.start)]
+        piece = op("Pad", piece, op.ints(*before, *after))
+    return piece
+
+
+def _hot_weight(op: _Nodes, group: list[Target], task: dict[str, np.ndarray]) -> ir.Value:
+    """The hot template's ``M = Σ pad(diag(Λd) B[:out, :]ᵀ diag(Λb))`` of one builder MatMul, from λ
+    initializers: all constant, so ONNX Runtime folds ``M`` when it builds a task's hot session."""
+    total = None
+    for t in group:
+        layer = t.layer
+
+        def weight(layer=layer) -> ir.Value:
+            lambda_d = op.constant(layer.lambda_d, np.ascontiguousarray(task[layer.lambda_d], np.float32)[None])
+            lambda_b = op.constant(layer.lambda_b, np.ascontiguousarray(task[layer.lambda_b], np.float32)[None])
+            scaled = op("Mul", op("Transpose", lambda_d, perm=[1, 0]), _b_t(op, layer.out_features))
+            return op("Mul", scaled, lambda_b)
+
+        piece = _place(op, op.once(("M", layer.name), weight), t, axis=1)
+        total = piece if total is None else op("Add", total, piece)
+    return total
 
 
 def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np.ndarray,
-          task: dict[str, np.ndarray]) -> None:
-    """Add every target's VeRA branch to the builder's graph, in place (see the module docstring)."""
+          task: dict[str, np.ndarray], hot: bool = False) -> list[str]:
+    """Add every target's VeRA branch to the builder's graph, in place (see the module docstring).
+
+    ``hot``: the hot template instead, where λ are initializers holding ``task`` (a session replaces them
+    with its task's): each builder MatMul then gets ``x·Aᵀ`` (shared), ``·M`` and an Add, three nodes in
+    all, against seven per layer with λ as inputs. Returns the λ names."""
     graph = model.graph
     op = _Nodes(graph, "/vera")
     op.constant("vera_A", np.ascontiguousarray(vera_a, dtype=np.float32))
     op.constant("vera_B", np.ascontiguousarray(vera_b, dtype=np.float32))
-    shared: dict[tuple[str, int], ir.Value] = {}
     deltas: dict[str, ir.Value] = {}
     by_node: dict[str, list[Target]] = {}
     for target in targets:
         by_node.setdefault(target.node.name, []).append(target)
     for node_name, group in by_node.items():
-        output = group[0].node.outputs[0]
+        output, x, width = group[0].node.outputs[0], group[0].node.inputs[0], group[0].layer.in_features
         if output.is_graph_output():
             raise VeraExportError(f"{node_name} writes a graph output: a VeRA branch cannot be added after it.")
         readers = list(output.uses())
         op.prefix = f"/vera{node_name.rsplit('/', 1)[0]}"
-        total = output
-        for t in group:
-            name = t.layer.name
-            if name not in deltas:
-                deltas[name] = _delta(op, t.layer, t.node.inputs[0], shared, task)
-            piece = deltas[name]
-            if (t.start, t.stop) != (0, t.layer.out_features):  # one part of a projection the builder split
-                piece = op("Slice", piece, op.ints(t.start), op.ints(t.stop), op.ints(-1))
-            if t.stop - t.start != t.width:  # one slot of a packed output: zeros around it
-                after = t.width - t.offset - (t.stop - t.start)
-                piece = op("Pad", piece, op.ints(0, 0, t.offset, 0, 0, after))
-            total = op("Add", total, piece)
+        if hot:
+            xa = op.once((x.name, width), lambda x=x, width=width: op("MatMul", x, _a_t(op, width)))
+            total = op("Add", output, op("MatMul", xa, _hot_weight(op, group, task)))
+        else:
+            total = output
+            for t in group:
+                if t.layer.name not in deltas:
+                    deltas[t.layer.name] = _delta(op, t.layer, x, task)
+                total = op("Add", total, _place(op, deltas[t.layer.name], t, axis=2))
         for use in readers:
             use.node.replace_input_with(use.idx, total)
     graph.sort()
+    return list(dict.fromkeys(name for t in targets for name in (t.layer.lambda_d, t.layer.lambda_b)))
 
 
 def set_contract(model: ir.Model, contract: Contract, builder: str) -> None:

@@ -79,3 +79,19 @@ def verify_fused(session, model: torch.nn.Module, cache: tuple[CacheLayout, int]
     label = f"a task per row ({', '.join(order)})"
     checks.append(compare_outputs(label, got, _flat(rows(lambda n: references[n][0], _DECODE_STEPS + 1))))
     return checks, compare_outputs(f"{label} vs each task alone", got, _flat(rows(alone.get, _DECODE_STEPS + 1)))
+
+
+def verify_hot(session, hot_session: Callable[[str], object], cache: tuple[CacheLayout, int], vocab: int,
+               tasks: dict[str, dict[str, np.ndarray]]) -> list[Check]:
+    """Each task's hot session (``hot_session(name)``: its λ folded into the template; one at a time, each
+    holds a copy of the weights) against the graph run with that task's feeds, on the same prefill and
+    decode tokens: the same arithmetic but for rounding, in any precision."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, vocab, (_BATCH, _PROMPT), dtype=np.int64)
+    tokens = [rng.integers(3, vocab, (_BATCH, 1), dtype=np.int64) for _ in range(_DECODE_STEPS)]
+    checks = []
+    for name, feeds in tasks.items():
+        expected = _ort_steps(session, *cache, ids, tokens, feeds)
+        got = _ort_steps(hot_session(name), *cache, ids, tokens, {})
+        checks.append(compare_outputs(f"hot template, task '{name}', vs the graph", _flat(got), _flat(expected)))
+    return checks

@@ -134,12 +134,13 @@ def export_command(model_path, out, inputs, task_name, opset, tolerance, no_veri
     options = {"inputs": inputs or None, "opset": opset, "verify": not no_verify, "tolerance": tolerance,
                "hot_template": hot_template, "kv_cache": kv_cache}
     if fused or builder_python:
-        _refuse_unfused(model_path, fused, input=inputs, hot_template=hot_template)
+        _refuse_unfused(model_path, fused, input=inputs)
         from ._fused import export_fused
 
         adapters = _adapters(task_name or _task_name_of(model_path), model_path, more_adapters)
         peft_result = export_fused(adapters, out, base=base, model_class=model_class, precision=fused,
-                                   builder=builder_python, verify=not no_verify, progress=progress,
+                                   builder=builder_python, verify=not no_verify, hot_template=hot_template,
+                                   progress=progress,
                                    **({"tolerance": tolerance} if tolerance != DEFAULT_TOLERANCE else {}))
         result = peft_result.export
     elif _is_adapter_folder(model_path):
