@@ -79,7 +79,7 @@ def _session(graph: Path) -> VeraSession:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Built, Path, Path]:
     built = _build(tmp_path_factory.mktemp("fused-llama"), "llama")
-    return built, _export(built, "fp32"), _export(built, "int4")
+    return built, _export(built, "fp32"), _export(built, "int4", hot_template=True)
 
 
 FAMILIES = ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("phi3", marks=pytest.mark.slow),
@@ -168,6 +168,34 @@ def test_the_int4_graph_switches_tasks_per_row_and_genai_runs_it_with_our_adapte
     assert got[TASKS[0]] != got[TASKS[1]]
 
 
+def test_the_hot_template_serves_one_task_as_the_graph_does(llama):
+    """`specialize` builds a task's session from the hot template (its VeRA weights folded per builder MatMul):
+    single-task generation then runs there, with the factored graph's tokens."""
+    built, _, int4 = llama
+    assert int4.with_name("model.hot.onnx").is_file()
+    session = _session(int4)
+    factored = VeraSession(int4, device="cpu", hot_tasks=0)
+    factored.load_tasks_beside()
+    session.specialize("beta").result()
+    assert session.hot == ("beta",)
+    ids, mask = _prompts()
+    for task in TASKS:
+        np.testing.assert_array_equal(
+            session.generate(ids, mask, task=task, max_new_tokens=NEW, eos_token_id=[]),
+            factored.generate(ids, mask, task=task, max_new_tokens=NEW, eos_token_id=[]), err_msg=task)
+
+
+def test_a_hot_template_that_differs_from_the_graph_fails_the_export(llama, monkeypatch):
+    """Each task's hot session must compute what the graph does with that task: a template whose folded
+    weights are off (here doubled) is caught, and nothing is written."""
+    built = llama[0]
+    real = _graft._hot_weight
+    monkeypatch.setattr(_graft, "_hot_weight", lambda op, group, task: op("Add", *[real(op, group, task)] * 2))
+    with pytest.raises(VeraExportError, match="hot template, task '(alpha|beta)', vs the graph"):
+        _export(built, "fp32", name="bad-template", hot_template=True)
+    assert not list((built.root / "bad-template-fp32").iterdir())
+
+
 def test_a_branch_in_the_wrong_slot_fails_the_export(llama, monkeypatch):
     """The packed q|k|v offsets matter: with k and v swapped, v's delta lands on k's columns, PEFT disagrees,
     and nothing is written."""
@@ -201,13 +229,15 @@ def test_a_builder_python_without_genai_and_a_base_without_tokenizer_are_refused
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--hot-template"], "--hot-template do not apply to --fused"),
-    (["--input", "input_ids:int64:batch=1,sequence=4"], "--input do not apply to --fused"),
+@pytest.mark.parametrize("model, extra, message", [
+    ("alpha", ["--input", "input_ids:int64:batch=1,sequence=4"], "--input do not apply to --fused"),
+    ("model.pt", [], "--fused exports PEFT adapter folders"),
 ])
-def test_the_cli_refuses_options_fused_cannot_honour(llama, tmp_path, extra, message):
+def test_the_cli_refuses_what_fused_cannot_do(llama, tmp_path, model, extra, message):
     built = llama[0]
-    result = CliRunner().invoke(main, [built.adapters["alpha"], "--base", str(built.base), "--fused", "fp32",
+    (tmp_path / "model.pt").write_bytes(b"")
+    source = built.adapters.get(model, str(tmp_path / model))
+    result = CliRunner().invoke(main, [source, "--base", str(built.base), "--fused", "fp32",
                                        "--out", str(tmp_path / "m.onnx"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
 
@@ -240,3 +270,11 @@ def test_vera_run_generate_runs_the_fused_graph(llama, capsys):
         ids = np.array([tokenizer.encode(prompt).ids])
         new = session.generate(ids, task=task, max_new_tokens=6)[0, ids.shape[1]:]
         assert line == f"[{task}] {tokenizer.decode(new.tolist(), skip_special_tokens=True)}"
+
+
+def test_convert_refuses_a_fused_graph(llama, tmp_path):
+    from vera_export import convert
+
+    with pytest.raises(VeraExportError, match="is a fused graph.*--fused int4"):
+        convert(llama[1], tmp_path / "m.int4.onnx", "int4")
+    assert not (tmp_path / "m.int4.onnx").exists()

@@ -82,6 +82,11 @@ def _transform(graph: Path, targets: tuple[str, ...], block_size: int):
     from ._targets.web import to_web
 
     proto, contract = load_graph(graph)
+    if contract.kv_shared_buffer:
+        raise VeraExportError(
+            f"{graph} is a fused graph (onnxruntime-genai's builder): convert makes forms of traced graphs. For"
+            " int4, export with `--fused int4`; other forms of fused graphs are not made."
+        )
     if contract.weight_dtype != "float32" or not contract.task_defaults:
         raise VeraExportError(
             f"{graph} is a converted graph ({contract.weight_dtype} weights, task defaults"

@@ -5,13 +5,20 @@ for each task alone and for a batch with a task per row."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from vera_runtime import Contract
 from vera_runtime.layout import CacheLayout
 
 from ._agreement import Check, compare_outputs
+from ._defaults import DEFAULT_TOLERANCE
+from ._discover import find_vera_layers
+from ._export import _require_pass, current_task
+from ._fused_graphs import cache_layout
+from ._verify import Verification, ort_session
 
 _BATCH, _PROMPT, _DECODE_STEPS = 2, 6, 3
 
@@ -95,3 +102,47 @@ def verify_hot(session, hot_session: Callable[[str], object], cache: tuple[Cache
         got = _ort_steps(hot_session(name), *cache, ids, tokens, {})
         checks.append(compare_outputs(f"hot template, task '{name}', vs the graph", _flat(got), _flat(expected)))
     return checks
+
+
+def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
+    """A session of the hot template with one task's λ, built as the runtime builds it."""
+    import onnxruntime as ort
+
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in tensors.values()]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_external_initializers(list(tensors), values)
+    session = ort.InferenceSession(str(template), options, providers=["CPUExecutionProvider"])
+    session.vera_values = values  # ORT does not own external initializers: keep them as long as the session
+    return session
+
+
+# The hot template computes the VeRA delta in another order than the graph: rounding in float32, but in
+# int4 MatMulNBits (accuracy level 4) quantizes its input to int8 per block, so a rounding difference can
+# move a value by one int8 step, and the next layers carry it (1.5% of the logits' scale measured on a
+# 125M Llama; a task's λ in the wrong place or of another task moves them by tens of percent).
+HOT_TOLERANCES = {"float32": DEFAULT_TOLERANCE, "int4": 0.05}
+
+
+def verify_graphs(graph: Path, template: Path | None, peft_model: torch.nn.Module, root: torch.nn.Module,
+                  contract: Contract, names: list[str], tolerance: float) -> Verification:
+    """Each task and a task per row against PEFT (``tolerance``); a task per row against each task alone
+    (the same arithmetic: ``DEFAULT_TOLERANCE``), and each task's hot session (``template``) against the
+    graph (``HOT_TOLERANCES``). Raises VeraExportError when a check fails."""
+    feeds = {}
+    for name in names:
+        peft_model.set_adapter(name)
+        tensors = current_task(find_vera_layers(root, name), contract).tensors
+        feeds[name] = {key: value[None] for key, value in tensors.items()}
+    session = ort_session(graph)
+    cache, vocab = (cache_layout(root.config), contract.kv_shared_buffer), contract.input_highs["input_ids"]
+    checks, rows = verify_fused(session, peft_model, cache, vocab, feeds, peft_model.set_adapter)
+    if rows is not None:
+        _require_pass(Verification((rows,), DEFAULT_TOLERANCE))
+    hot = []
+    if template is not None:  # each task folded into the hot template computes what the graph does
+        hot = verify_hot(session, lambda name: _hot_session(template, feeds[name]), cache, vocab, feeds)
+        _require_pass(Verification(tuple(hot), HOT_TOLERANCES[contract.weight_dtype]))
+    del session
+    _require_pass(Verification(tuple(checks), tolerance))
+    return Verification((*checks, *filter(None, [rows]), *hot), tolerance)

@@ -1,0 +1,109 @@
+"""The fused export's graphs: the builder's graph of the base model with the VeRA branches grafted on,
+and its hot template, each written with the contract in its metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+from torch import nn
+
+from vera_runtime import Contract
+from vera_runtime.files import template_digest
+from vera_runtime.layout import CacheLayout, hot_template_path
+
+from ._builder import BUILDER_VERSION
+from ._digest import base_digest
+from ._export import _contract, current_task
+from ._graft import find_targets, graft, name_dims, set_contract
+from ._passes import HOT_TEMPLATE_KEY
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def cache_layout(config) -> CacheLayout:
+    """The builder's cache: the KV-cache names, and no position ids."""
+    layout = CacheLayout.of_layers(config.num_hidden_layers, kv_heads(config), head_dim(config))
+    return dataclasses.replace(layout, position_ids=False)
+
+
+def _widths(config) -> dict[str, int]:
+    """Output columns of each projection the builder may pack: q, k, v, gate, up."""
+    q, kv, inner = (config.num_attention_heads * head_dim(config), kv_heads(config) * head_dim(config),
+                    config.intermediate_size)
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": inner, "up_proj": inner}
+
+
+def fused_contract(adapted, model: nn.Module, built: ir.Model, precision: str) -> Contract:
+    """The traced export's contract (the same fingerprint: task files fit both graphs), with the builder's
+    bounds: token ids below the vocabulary, at most as many positions as its rotary tables hold, and a
+    shared cache buffer that holds at least the sliding window of layers with a window-sized cache."""
+    config = model.config
+    positions = built.graph.initializers.get("cos_cache")
+    limit = positions.shape[0] if positions is not None else config.max_position_embeddings
+    windows = [node.attributes["local_window_size"].as_int() for node in built.graph
+               if node.op_type == "GroupQueryAttention" and "local_window_size" in node.attributes]
+    return dataclasses.replace(
+        _contract(adapted, model, base_digest(model)), input_highs={"input_ids": config.vocab_size},
+        dim_limits={"total_sequence": int(limit)}, kv_shared_buffer=max([1, *windows]),
+        weight_dtype="int4" if precision == "int4" else "float32",
+    )
+
+
+def write_graphs(built: Path, out: Path, scratch: Path, adapted, model: nn.Module, precision: str,
+                 hot_template: bool) -> Contract:
+    """Graft the branches onto the builder's graph at ``built`` and write it to ``scratch`` as ``out.name``
+    (the hot template first when asked: the graph records its digest). Returns the graph's contract."""
+    ir_model = ir.load(built)
+    contract = fused_contract(adapted, model, ir_model, precision)
+    task = current_task(adapted, contract)  # its λ: the defaults of the graph, and the template's values
+    branches = (adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), task.tensors)
+    label = f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu"
+    if hot_template:
+        template = scratch / hot_template_path(out).name
+        _write_hot_template(ir.load(built), template, model, contract, branches, label)
+        contract = dataclasses.replace(contract, hot_template_sha256=template_digest(template))
+    graft(ir_model, find_targets(ir_model, contract.layers, _widths(model.config)), *branches)
+    _finish(ir_model, model, contract, label)
+    ir.save(ir_model, scratch / out.name, external_data=f"{out.name}.data")
+    return contract
+
+
+def _write_hot_template(ir_model: ir.Model, template: Path, model: nn.Module, contract: Contract, branches,
+                        label: str) -> None:
+    names = graft(ir_model, find_targets(ir_model, contract.layers, _widths(model.config)), *branches, hot=True)
+    _finish(ir_model, model, contract, label)
+    ir_model.metadata_props[HOT_TEMPLATE_KEY] = json.dumps(names)
+    ir.save(ir_model, template, external_data=f"{template.name}.data")
+    _move_to_data(template, names)
+
+
+def _finish(ir_model: ir.Model, model: nn.Module, contract: Contract, label: str) -> None:
+    name_dims(ir_model, head_dim(model.config))
+    set_contract(ir_model, contract, label)
+
+
+def _move_to_data(template: Path, names: list[str]) -> None:
+    """Store the λ initializers of a saved template in its ``.data`` file, as ONNX Runtime's
+    ``add_external_initializers`` requires of what it replaces (small ones were saved inline)."""
+    import onnx
+    from onnx import external_data_helper
+
+    proto = onnx.load(str(template), load_external_data=False)
+    data = Path(f"{template}.data")
+    with open(data, "ab") as handle:
+        for tensor in proto.graph.initializer:
+            if tensor.name in names and tensor.HasField("raw_data"):
+                offset, raw = handle.tell(), tensor.raw_data
+                handle.write(raw)
+                external_data_helper.set_external_data(tensor, data.name, offset, len(raw))
+                tensor.ClearField("raw_data")
+    onnx.save(proto, str(template))
