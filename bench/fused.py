@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 from _measure import Timing  # noqa: E402
 from generate import CASES, GENAI_PYTHON, NEW, PROMPT, TASKS, _build, _interleaved, _prompt  # noqa: E402
+from int4 import _size  # noqa: E402
 from run import _options  # noqa: E402
 
 WORK = HERE / "results" / "work" / "fused"
@@ -213,10 +214,6 @@ def _cosines(sessions: dict) -> dict[str, float]:
             for t in TASKS}
     return {"ours (lowest of 8 tasks)": min(ours.values()), "ours (task 0)": ours[TASKS[0]],
             "builder (merged task 0)": cosine(prefill(sessions["builder fp32"]), prefill(sessions["builder int4"]))}
-
-
-def _size(graph: Path) -> int:
-    return sum(p.stat().st_size for p in (graph, Path(f"{graph}.data")) if p.is_file())
 
 
 def main() -> None:

@@ -44,6 +44,21 @@ def genai_python(*modules: str) -> Path:
     return GENAI_PYTHON
 
 
+def genai_generate(folder: Path, prompt: list[int], max_length: int, adapters: dict[str, str],
+                   work: Path) -> dict[str, list[int]]:
+    """Greedy tokens (prompt included) from onnxruntime-genai on ``folder``, one entry per adapter name
+    (``""``: no adapter), run by tests/genai/generate.py in genai's own environment."""
+    import json
+
+    request = work / "request.json"
+    request.write_text(json.dumps({"prompt": prompt, "max_length": max_length, "adapters": adapters}))
+    script = Path(__file__).parent / "genai" / "generate.py"
+    done = subprocess.run([str(genai_python()), str(script), str(folder), str(request)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
 class CustomNet(nn.Module):
     """A class outside vera-export's allowlist: loading its pickle needs --trust-pickle."""
 

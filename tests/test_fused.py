@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from peft_folders import add_tokenizer, make_adapter, make_base, model_class
 
-from helpers import genai_python
+from helpers import genai_generate, genai_python
 from vera_export import VeraExportError, _graft
 from vera_export._fused import export_fused
 from vera_export._peft import export_peft
@@ -155,13 +154,7 @@ def test_the_int4_graph_switches_tasks_per_row_and_genai_runs_it_with_our_adapte
         np.testing.assert_array_equal(mixed[row, -NEW:], alone[0, -NEW:])
     prompt = [5, 17, 300, 42]
     adapters = {t: str(int4.with_name(f"model.{t}.onnx_adapter")) for t in TASKS}
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
-    script = Path(__file__).parent / "genai" / "generate.py"
-    done = subprocess.run([str(genai_python()), str(script), str(int4.parent), str(request)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout)
+    got = genai_generate(int4.parent, prompt, len(prompt) + NEW, adapters, tmp_path)
     for task in TASKS:
         ours = session.generate(np.array([prompt]), task=task, max_new_tokens=NEW, eos_token_id=[])
         assert got[task] == ours[0].tolist(), task

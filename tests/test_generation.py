@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from peft_folders import add_tokenizer, make_adapter, make_base, model_class
 
-from helpers import genai_python
+from helpers import genai_generate
 from vera_export import VeraExportError
 from vera_export._peft import export_peft
 from vera_runtime import FeedError, VeraSession
@@ -260,13 +259,7 @@ def test_the_int4_graph_generates_each_rows_task_and_genai_runs_it_with_our_adap
         np.testing.assert_array_equal(mixed[row], alone[row])
     prompt = [5, 17, 300, 42]
     adapters = {t: str(out.with_name(f"model.int4.{t}.onnx_adapter")) for t in TASKS}
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
-    script = Path(__file__).parent / "genai" / "generate.py"
-    done = subprocess.run([str(genai_python()), str(script), str(out.parent), str(request)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout)
+    got = genai_generate(out.parent, prompt, len(prompt) + NEW, adapters, tmp_path)
     for task in TASKS:
         ours = session.generate(np.array([prompt]), task=task, max_new_tokens=NEW, eos_token_id=[])
         assert got[task] == ours[0].tolist(), task
@@ -388,16 +381,9 @@ def test_a_cache_path_that_drifts_from_pytorch_refuses_the_export(tmp_path, monk
 def test_onnxruntime_genai_runs_our_graph_with_our_adapters(family, tmp_path):
     """og.Model(folder) + og.Adapters with each task's .onnx_adapter, greedy, in onnxruntime-genai's own
     environment: the tokens are PEFT's. genai's min_length keeps eos out, as PEFT's min_new_tokens does."""
-    python = genai_python()
     prompt = [5, 17, 300, 42]
     adapters = {"": "", **{t: str(family.graph.with_name(f"model.{t}.onnx_adapter")) for t in TASKS}}
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"prompt": prompt, "max_length": len(prompt) + NEW, "adapters": adapters}))
-    script = Path(__file__).parent / "genai" / "generate.py"
-    done = subprocess.run([str(python), str(script), str(family.graph.parent), str(request)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout)
+    got = genai_generate(family.graph.parent, prompt, len(prompt) + NEW, adapters, tmp_path)
     eos = json.loads((family.graph.parent / "genai_config.json").read_text())["model"]["eos_token_id"]
     ids = np.array([prompt])
     for name, task in (("", TASKS[0]), *((t, t) for t in TASKS)):  # "": no adapter, the graph's default task

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from ._errors import VeraExportError
@@ -24,7 +25,10 @@ _INSTALL = f"pip install onnxruntime-genai=={BUILDER_VERSION} torch transformers
 def builder_python(given: str | os.PathLike | None) -> str:
     """The Python to run the builder with, checked to hold the pinned onnxruntime-genai."""
     python = str(given or os.environ.get("VERA_GENAI_PYTHON") or sys.executable)
-    probe = "import onnxruntime_genai, onnxruntime_genai.models.builder; print(onnxruntime_genai.__version__)"
+    # found, not imported: importing the builder loads torch and transformers (seconds), which it does itself
+    probe = ("import importlib.metadata as m, importlib.util as u, sys; missing = [n for n in ('onnxruntime_genai',"
+             " 'torch', 'transformers', 'onnx_ir', 'onnxscript') if u.find_spec(n) is None];"
+             " sys.exit(f'missing {missing}') if missing else print(m.version('onnxruntime-genai'))")
     try:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
     except OSError as exc:
@@ -52,18 +56,35 @@ def check_base(base: Path) -> None:
         )
 
 
-def run_builder(python: str, base: Path, out: Path, precision: str, cache: Path) -> Path:
-    """Build the base model's decoder for the CPU provider into ``out``; returns its ``model.onnx``."""
-    if precision not in PRECISIONS:
-        raise VeraExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
-    command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out), "-p", precision,
-               "-e", "cpu", "-c", str(cache)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    graph = out / "model.onnx"
-    if done.returncode != 0 or not graph.is_file():
-        tail = " | ".join(line.strip() for line in (done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise VeraExportError(
-            f"onnxruntime-genai's builder failed on {base} (exit {done.returncode}): {tail}. It builds Llama,"
-            " Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and other families it lists; export others without --fused."
-        )
-    return graph
+class Build:
+    """The builder making the base model's decoder for the CPU provider in ``out``, in a process of its own
+    (started at once: the caller loads PEFT meanwhile); ``result()`` waits for its ``model.onnx``."""
+
+    def __init__(self, python: str, base: Path, out: Path, precision: str, cache: Path) -> None:
+        if precision not in PRECISIONS:
+            raise VeraExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+        command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out), "-p",
+                   precision, "-e", "cpu", "-c", str(cache)]
+        self.base, self.graph = base, out / "model.onnx"
+        self._log = tempfile.TemporaryFile()  # a pipe could fill up and stall it while nobody reads
+        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def result(self) -> Path:
+        code = self._process.wait()
+        self._log.seek(0)
+        output = self._log.read().decode(errors="replace")
+        self._log.close()
+        if code != 0 or not self.graph.is_file():
+            tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+            raise VeraExportError(
+                f"onnxruntime-genai's builder failed on {self.base} (exit {code}): {tail}. It builds Llama,"
+                " Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and other families it lists; export others without --fused."
+            )
+        return self.graph
+
+    def stop(self) -> None:
+        """End the builder early (the export failed elsewhere)."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()

@@ -2,8 +2,8 @@
 model (GroupQueryAttention, fused norms, packed projections; int4 ``MatMulNBits`` if asked) with the
 VeRA branches grafted on — generation at the builder's speed, every task still an input.
 
-1. Check the inputs; load the base and the adapters with PEFT.
-2. Run the builder on the base model (in its own Python).
+1. Check the inputs.
+2. Run the builder on the base model (in its own Python), loading the base and adapters with PEFT meanwhile.
 3. Graft the VeRA branches onto its projections, with the contract (``_fused_graphs``).
 4. Check ONNX Runtime against PEFT for each task and a task per row, prefill and decode steps
    (``_verify_fused``).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vera_runtime.layout import GENAI_CONFIG, hot_template_path, task_file_paths
 
-from ._builder import BUILDER_VERSION, builder_python, check_base, run_builder
+from ._builder import BUILDER_VERSION, Build, builder_python, check_base
 from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
 from ._discover import find_vera_layers
 from ._errors import VeraExportError
@@ -38,19 +38,14 @@ class _Inputs:
     adapters: list  # the read adapter folders, the graph's default task first
     base: Path
     builder: str  # the Python that runs the builder
-    loaded: PeftModels
-    root: PeftRoot
 
 
-def _load(adapters: dict, base, model_class: str | None, builder, out: Path, progress) -> _Inputs:
+def _check(adapters: dict, base, builder, out: Path) -> _Inputs:
     read = _read_all(adapters)
     base_path = resolve_base(base, read[0])
     check_writable(out, (*(a.path for a in read), base_path))
     check_base(base_path)
-    python = builder_python(builder)
-    progress(f"Loading the base model and {len(read)} adapter(s) ...")
-    loaded = load_peft_models(read, base_path, model_class)
-    return _Inputs(read, base_path, python, loaded, PeftRoot(loaded.model))
+    return _Inputs(read, base_path, builder_python(builder))
 
 
 def export_fused(
@@ -77,38 +72,47 @@ def export_fused(
     Writes ``out`` (+ ``.data``), ``genai_config.json``, the tokenizer and one task file per adapter.
     """
     start, out = time.perf_counter(), Path(out)
-    # 1. Up-front checks, then the PEFT model.
-    given = _load(adapters, base, model_class, builder, out, progress)
-    first = given.adapters[0].name
-    adapted = find_vera_layers(given.root, first)
-    if adapted.heads:
-        raise VeraExportError("--fused exports causal LMs; these adapters train head layers: export without --fused.")
+    # 1. Up-front checks.
+    given = _check(adapters, base, builder, out)
     with Staging(out, replaces_set=True, inputs=(*(a.path for a in given.adapters), given.base)) as staging:
         scratch = staging.scratch()
-        # 2. The builder's graph of the base model.
-        progress(f"Building the base decoder with onnxruntime-genai {BUILDER_VERSION}'s builder ({precision}) ...")
-        built = run_builder(given.builder, given.base, scratch / "built", precision, scratch / "cache")
+        # 2. The builder's graph of the base model, made in its own process while PEFT loads here.
+        progress(f"Building the base decoder with onnxruntime-genai {BUILDER_VERSION}'s builder ({precision}),"
+                 f" loading the base model and {len(given.adapters)} adapter(s) ...")
+        build = Build(given.builder, given.base, scratch / "built", precision, scratch / "cache")
+        try:
+            loaded = load_peft_models(given.adapters, given.base, model_class)
+            root = PeftRoot(loaded.model)
+            adapted = find_vera_layers(root, given.adapters[0].name)
+            if adapted.heads:
+                raise VeraExportError("--fused exports causal LMs; these adapters train head layers: export"
+                                      " without --fused.")
+            built = build.result()
+        finally:
+            build.stop()
         # 3. The VeRA branches on it, and the contract.
         progress(f"Grafting {len(adapted.layers)} VeRA layers (r={adapted.r}) onto the builder's graph ...")
-        contract = write_graphs(built, out, scratch, adapted, given.root, precision, hot_template)
+        contract = write_graphs(built, out, scratch, adapted, root, precision, hot_template)
         task = current_task(adapted, contract)
         # 4. Every task, alone and one per row, against PEFT.
         verification = None
         if verify:
             progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
             template = scratch / hot_template_path(out).name if hot_template else None
-            verification = verify_graphs(scratch / out.name, template, given.loaded.model, given.root, contract,
+            verification = verify_graphs(scratch / out.name, template, loaded.model, root, contract,
                                          [a.name for a in given.adapters],
                                          tolerance or (DEFAULT_TOLERANCE if precision == "fp32"
                                                        else FORM_TOLERANCES[precision]))
         # 5. The whole set, published at once.
-        task_files = _stage_set(given, out, scratch, built.parent, contract, task, staging)
+        task_files = _stage_set(given, loaded, out, scratch, built.parent, contract, task, staging)
         staging.publish()
+    first = given.adapters[0].name
     result = ExportResult(out, *task_file_paths(out, first), contract, verification, time.perf_counter() - start)
-    return PeftExportResult(result, tuple(task_files), given.loaded.notes)
+    return PeftExportResult(result, tuple(task_files), loaded.notes)
 
 
-def _stage_set(given: _Inputs, out: Path, scratch: Path, built: Path, contract, task, staging: Staging) -> list[Path]:
+def _stage_set(given: _Inputs, loaded: PeftModels, out: Path, scratch: Path, built: Path, contract, task,
+               staging: Staging) -> list[Path]:
     """The graphs written in ``scratch``, genai_config.json, the tokenizer, labels and every task's files."""
     for written in sorted(scratch.iterdir()):
         if written.is_file():
@@ -117,11 +121,11 @@ def _stage_set(given: _Inputs, out: Path, scratch: Path, built: Path, contract, 
     config["model"]["decoder"]["filename"] = out.name
     staging.path(out.with_name(GENAI_CONFIG)).write_text(json.dumps(config, indent=2) + "\n")
     stage_tokenizer_files(out, given.base, staging)
-    model = given.loaded.model
+    model = loaded.model
     _stage_labels(out, given.adapters, model, contract, staging)
     task_files = [_stage_task(task, out, staging)[0]]
     for adapter in given.adapters[1:]:
         model.set_adapter(adapter.name)
-        task_files.append(stage_task(given.root, out, contract, staging, adapter.name, contract.base_digest)[0])
+        task_files.append(stage_task(PeftRoot(model), out, contract, staging, adapter.name, contract.base_digest)[0])
     model.set_adapter(given.adapters[0].name)
     return task_files
