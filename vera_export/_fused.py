@@ -13,6 +13,7 @@ VeRA branches grafted on — generation at the builder's speed, every task still
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -25,12 +26,12 @@ from ._builder import BUILDER_VERSION, Build, builder_python, check_base
 from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
 from ._discover import find_vera_layers
 from ._errors import VeraExportError
-from ._export import ExportResult, _stage_task, current_task, stage_task
-from ._fused_graphs import write_graphs
+from ._export import ExportResult, _stage_task, current_task
+from ._fused_graphs import cache_layout, write_graphs
 from ._genai import stage_tokenizer_files
-from ._peft import PeftExportResult, PeftModels, PeftRoot, _read_all, _stage_labels, load_peft_models, resolve_base
+from ._peft import PeftExportResult, PeftRoot, _read_all, load_peft_models, resolve_base
 from ._staging import Staging, check_writable
-from ._verify_fused import verify_graphs
+from ._verify_fused import references, verify_graphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,39 +94,46 @@ def export_fused(
         # 3. The VeRA branches on it, and the contract.
         progress(f"Grafting {len(adapted.layers)} VeRA layers (r={adapted.r}) onto the builder's graph ...")
         contract = write_graphs(built, out, scratch, adapted, root, precision, hot_template)
-        task = current_task(adapted, contract)
-        # 4. Every task, alone and one per row, against PEFT.
+        # 4. Every task, alone and one per row, against PEFT: PyTorch's part first, then without the PEFT model.
+        tasks = _tasks(loaded.model, root, contract, [a.name for a in given.adapters])
+        refs = references(loaded.model, list(tasks), loaded.model.set_adapter, contract.input_highs["input_ids"])
+        cache = (cache_layout(root.config), contract.kv_shared_buffer)
+        notes = loaded.notes
+        del loaded, root, adapted
+        gc.collect()
         verification = None
         if verify:
             progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
             template = scratch / hot_template_path(out).name if hot_template else None
-            verification = verify_graphs(scratch / out.name, template, loaded.model, root, contract,
-                                         [a.name for a in given.adapters],
-                                         tolerance or (DEFAULT_TOLERANCE if precision == "fp32"
-                                                       else FORM_TOLERANCES[precision]))
+            feeds = {name: {key: value[None] for key, value in task.tensors.items()} for name, task in tasks.items()}
+            default = DEFAULT_TOLERANCE if precision == "fp32" else FORM_TOLERANCES[precision]
+            verification = verify_graphs(scratch / out.name, template, refs, feeds, cache, contract.weight_dtype,
+                                         tolerance or default)
         # 5. The whole set, published at once.
-        task_files = _stage_set(given, loaded, out, scratch, built.parent, contract, task, staging)
+        task_files = _stage_set(given.base, out, scratch, built.parent, list(tasks.values()), staging)
         staging.publish()
     first = given.adapters[0].name
     result = ExportResult(out, *task_file_paths(out, first), contract, verification, time.perf_counter() - start)
-    return PeftExportResult(result, tuple(task_files), loaded.notes)
+    return PeftExportResult(result, tuple(task_files), notes)
 
 
-def _stage_set(given: _Inputs, loaded: PeftModels, out: Path, scratch: Path, built: Path, contract, task,
-               staging: Staging) -> list[Path]:
-    """The graphs written in ``scratch``, genai_config.json, the tokenizer, labels and every task's files."""
+def _tasks(model, root: PeftRoot, contract, names: list[str]) -> dict:
+    """Every adapter as a task of the graph (its λ), the default task first."""
+    tasks = {}
+    for name in names:
+        model.set_adapter(name)
+        tasks[name] = current_task(find_vera_layers(root, name), contract)
+    model.set_adapter(names[0])
+    return tasks
+
+
+def _stage_set(base: Path, out: Path, scratch: Path, built: Path, tasks: list, staging: Staging) -> list[Path]:
+    """The graphs written in ``scratch``, genai_config.json, the tokenizer and every task's files."""
     for written in sorted(scratch.iterdir()):
         if written.is_file():
             os.replace(written, staging.path(out.with_name(written.name)))
     config = json.loads((built / GENAI_CONFIG).read_text())  # the builder's: it describes its graph
     config["model"]["decoder"]["filename"] = out.name
     staging.path(out.with_name(GENAI_CONFIG)).write_text(json.dumps(config, indent=2) + "\n")
-    stage_tokenizer_files(out, given.base, staging)
-    model = loaded.model
-    _stage_labels(out, given.adapters, model, contract, staging)
-    task_files = [_stage_task(task, out, staging)[0]]
-    for adapter in given.adapters[1:]:
-        model.set_adapter(adapter.name)
-        task_files.append(stage_task(PeftRoot(model), out, contract, staging, adapter.name, contract.base_digest)[0])
-    model.set_adapter(given.adapters[0].name)
-    return task_files
+    stage_tokenizer_files(out, base, staging)
+    return [_stage_task(task, out, staging)[0] for task in tasks]
