@@ -79,8 +79,11 @@ def _in_child(code: str) -> tuple[float, int, int]:
     return time.perf_counter() - start, peaks["self"], peaks["children"]
 
 
-_PEAK = ("import json, resource; print(json.dumps({k: resource.getrusage(w).ru_maxrss * 1024 for k, w in"
-         " (('self', resource.RUSAGE_SELF), ('children', resource.RUSAGE_CHILDREN))}))")
+# The export's own peak from /proc (ru_maxrss survives exec: it would count the benchmark that forked it);
+# its children's (the builder's) from getrusage.
+_PEAK = ("import json, re, resource; print(json.dumps({'self': int(re.search(r'VmHWM:\\s+(\\d+)',"
+         " open('/proc/self/status').read()).group(1)) * 1024,"
+         " 'children': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
 
 
 def _prepare(name: str, case: dict) -> dict:
@@ -226,8 +229,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    sections = []
+    sections, sessions = [], None
     for name in args.cases.split(","):
+        del sessions  # the previous case's sessions: not alive while the next case exports and loads
         case = _build("large", CASES["large"]) if name == "llama" else _qwen2_case()
         if name == "llama":
             case["graphs"] = {"traced --kv-cache fp32": case["graphs"]["cache"]}
