@@ -8,7 +8,9 @@ The builder's decoder (GroupQueryAttention, fused RMSNorms, one packed q|k|v Mat
 added to that node's output — at the projection's offset when the builder packed several projections
 into one MatMul. ``x @ Aᵀ`` is computed once per input and width (q, k and v read the same norm output).
 λ inputs keep the contract's shape ``[tasks, n]``: unsqueezed to ``[tasks, 1, n]`` they broadcast over
-``[batch, sequence, n]``, one task for the batch or one per row.
+``[batch, sequence, n]``, one task for the batch or one per row. The hot template (``graft(hot=True)``)
+arranges the same arithmetic as ``(x @ Aᵀ) @ M`` with ``M`` built from λ initializers, for ONNX Runtime
+to fold once per task.
 """
 
 from __future__ import annotations
