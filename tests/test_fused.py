@@ -128,6 +128,8 @@ def test_the_graph_is_the_builders_with_task_inputs(llama):
         assert metadata["vera.kv_shared_buffer"] == "1" and metadata["vera.default_task"] == "alpha"
         assert metadata["vera.graph_builder"].startswith("onnxruntime-genai 0.18.0 model builder")
     assert (_session(fp32).contract.weight_dtype, _session(int4).contract.weight_dtype) == ("float32", "int4")
+    shown = CliRunner().invoke(main, ["inspect", str(int4)])
+    assert shown.exit_code == 0 and "form: int4 weights; task inputs with defaults; fused decoder" in shown.output
 
 
 def test_task_files_fit_the_traced_graph_of_the_same_adapters(llama, tmp_path):

@@ -51,7 +51,9 @@ class GraphReport:
             f"  r={c.r}  projection seed={c.seed}  default task={c.default_task!r}",
             f"  recipe: {c.recipe}",
             f"  form: {c.weight_dtype} weights; task inputs"
-            f" {'with defaults' if c.task_defaults else 'required (web form)'}",
+            f" {'with defaults' if c.task_defaults else 'required (web form)'}"
+            + (f"; fused decoder (onnxruntime-genai's builder graph), past and present one shared buffer of at"
+               f" least {c.kv_shared_buffer} positions" if c.kv_shared_buffer else ""),
             f"  bytes: base weights {self.base_bytes:,}; vera_A + vera_B {self.projection_bytes:,};"
             f" default task {self.task_default_bytes:,}",
             "  model inputs:",
