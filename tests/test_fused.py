@@ -218,6 +218,8 @@ def test_a_builder_python_without_genai_and_a_base_without_tokenizer_are_refused
     built = llama[0]
     with pytest.raises(VeraExportError, match="cannot import onnxruntime-genai's model builder.*--builder-python"):
         export_fused(built.adapters, tmp_path / "m.onnx", base=built.base, builder=sys.executable)  # no genai here
+    with pytest.raises(VeraExportError, match="precision 'int8' is not one of fp32, int4"):
+        export_fused(built.adapters, tmp_path / "m.onnx", base=built.base, precision="int8", builder=genai_python())
     bare = make_base(tmp_path / "bare", "llama", hidden_size=64)
     with pytest.raises(VeraExportError, match="has no tokenizer"):
         export_fused(built.adapters, tmp_path / "m.onnx", base=bare, builder=genai_python())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vera_runtime.layout import GENAI_CONFIG, hot_template_path, task_file_paths
 
-from ._builder import BUILDER_VERSION, Build, builder_python, check_base
+from ._builder import BUILDER_VERSION, PRECISIONS, Build, builder_python, check_base
 from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
 from ._discover import find_vera_layers
 from ._errors import VeraExportError
@@ -41,7 +41,9 @@ class _Inputs:
     builder: str  # the Python that runs the builder
 
 
-def _check(adapters: dict, base, builder, out: Path) -> _Inputs:
+def _check(adapters: dict, base, builder, out: Path, precision: str) -> _Inputs:
+    if precision not in PRECISIONS:
+        raise VeraExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} (--fused fp32|int4).")
     read = _read_all(adapters)
     base_path = resolve_base(base, read[0])
     check_writable(out, (*(a.path for a in read), base_path))
@@ -74,7 +76,7 @@ def export_fused(
     """
     start, out = time.perf_counter(), Path(out)
     # 1. Up-front checks.
-    given = _check(adapters, base, builder, out)
+    given = _check(adapters, base, builder, out, precision)
     with Staging(out, replaces_set=True, inputs=(*(a.path for a in given.adapters), given.base)) as staging:
         scratch = staging.scratch()
         # 2. The builder's graph of the base model, made in its own process while PEFT loads here.
@@ -96,7 +98,8 @@ def export_fused(
         contract = write_graphs(built, out, scratch, adapted, root, precision, hot_template)
         # 4. Every task, alone and one per row, against PEFT: PyTorch's part first, then without the PEFT model.
         tasks = _tasks(loaded.model, root, contract, [a.name for a in given.adapters])
-        refs = references(loaded.model, list(tasks), loaded.model.set_adapter, contract.input_highs["input_ids"])
+        refs = references(loaded.model, list(tasks), loaded.model.set_adapter,
+                          contract.input_highs["input_ids"]) if verify else None
         cache = (cache_layout(root.config), contract.kv_shared_buffer)
         notes = loaded.notes
         del loaded, root, adapted
