@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vera_runtime.files import printable
+
 from ._errors import VeraExportError
 
 BUILDER_VERSION = "0.18.0"
@@ -33,11 +35,12 @@ def builder_python(given: str | os.PathLike | None) -> str:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
     except OSError as exc:
         raise VeraExportError(f"cannot run the builder's Python {python}: {exc.strerror or exc}.") from exc
-    version = done.stdout.strip()
+    version = printable(done.stdout.strip(), 40)
     if done.returncode != 0:
         raise VeraExportError(
-            f"{python} cannot import onnxruntime-genai's model builder: make an environment with `{_INSTALL}`"
-            " and pass its python with --builder-python (or set VERA_GENAI_PYTHON)."
+            f"{python} cannot import onnxruntime-genai's model builder ({printable(done.stderr.strip(), 200)}):"
+            f" make an environment with `{_INSTALL}` and pass its python with --builder-python (or set"
+            " VERA_GENAI_PYTHON)."
         )
     if version != BUILDER_VERSION:
         raise VeraExportError(
@@ -73,7 +76,7 @@ class Build:
         output = self._log.read().decode(errors="replace")
         self._log.close()
         if code != 0 or not self.graph.is_file():
-            tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+            tail = printable(" | ".join(line.strip() for line in output.strip().splitlines()[-3:]), 600)
             raise VeraExportError(
                 f"onnxruntime-genai's builder failed on {self.base} (exit {code}): {tail}. It builds Llama,"
                 " Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and other families it lists; export others without --fused."
