@@ -185,7 +185,7 @@ def test_a_hot_template_that_differs_from_the_graph_fails_the_export(llama, monk
     weights are off (here doubled) is caught, and nothing is written."""
     built = llama[0]
     real = _graft._hot_weight
-    monkeypatch.setattr(_graft, "_hot_weight", lambda op, group, task: op("Add", *[real(op, group, task)] * 2))
+    monkeypatch.setattr(_graft, "_hot_weight", lambda op, group: op("Add", *[real(op, group)] * 2))
     with pytest.raises(VeraExportError, match="hot template, task '(alpha|beta)', vs the graph"):
         _export(built, "fp32", name="bad-template", hot_template=True)
     assert not list((built.root / "bad-template-fp32").iterdir())

@@ -319,16 +319,24 @@ def hot_pair(tmp_path_factory):
     return graphs
 
 
+def _external_length(tensor) -> int:
+    return int(next(entry.value for entry in tensor.external_data if entry.key == "length"))
+
+
 def _untrusted_template(mine: Path, other: Path, folder: Path, how: str) -> Path:
     """A copy of ``mine``'s folder whose hot template was edited, replaced by ``other``'s, or not recorded."""
     shutil.copytree(mine.parent, folder)
     template = folder / "decoder.hot.onnx"
     if how == "edited":  # weights +5: what a tampered template served silently from the 9th call on
         proto = onnx.load(str(template), load_external_data=False)
-        floats = [t for t in proto.graph.initializer if t.raw_data and t.data_type == onnx.TensorProto.FLOAT]
-        tensor = max(floats, key=lambda t: len(t.raw_data))
-        tensor.raw_data = (np.frombuffer(tensor.raw_data, np.float32) + 5).astype(np.float32).tobytes()
-        onnx.save(proto, str(template))
+        floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                  and t.data_location == onnx.TensorProto.EXTERNAL]  # the weights are in its .data
+        where = {entry.key: entry.value for entry in max(floats, key=_external_length).external_data}
+        with open(template.parent / where["location"], "r+b") as data:
+            data.seek(int(where["offset"]))
+            weights = np.frombuffer(data.read(int(where["length"])), np.float32)
+            data.seek(int(where["offset"]))
+            data.write((weights + 5).astype(np.float32).tobytes())
     elif how == "from another graph":
         for name in ("decoder.hot.onnx", "decoder.hot.onnx.data"):
             shutil.copy(other.parent / name, folder / name)

@@ -149,18 +149,22 @@ def _save(ir_model: ir.Model, folder: Path, name: str) -> None:
 
 
 def _save_hot_template(ir_model: ir.Model, folder: Path, name: str) -> None:
-    """The task tensors go to ``<name>.data``: ONNX Runtime replaces external initializers
-    (SessionOptions.add_external_initializers) before it optimises, so a hot session folds the
-    task's values into the weights. Values replaced with add_initializer come too late for that."""
+    """The task tensors go to ``<name>.data``, with the weights: ONNX Runtime replaces external
+    initializers (SessionOptions.add_external_initializers) before it optimises, so a hot session folds
+    the task's values into the weights. Values replaced with add_initializer come too late for that."""
     import onnx
     from onnx import external_data_helper
 
-    proto = ir.to_proto(ir_model)
+    ir.save(ir_model, folder / name, external_data=f"{name}.data")  # never one protobuf over 2 GB
     task_names = set(json.loads(ir_model.metadata_props[_passes.HOT_TEMPLATE_KEY]))
-    for tensor in proto.graph.initializer:
-        if tensor.name in task_names:
-            external_data_helper.set_external_data(tensor, location=f"{name}.data")
-    external_data_helper.write_external_data_tensors(proto, str(folder))
+    proto = onnx.load(str(folder / name), load_external_data=False)
+    with open(folder / f"{name}.data", "ab") as data:  # the small ones were saved inline: append them
+        for tensor in proto.graph.initializer:
+            if tensor.name in task_names and tensor.HasField("raw_data"):
+                offset = data.tell()
+                data.write(tensor.raw_data)
+                external_data_helper.set_external_data(tensor, f"{name}.data", offset, len(tensor.raw_data))
+                tensor.ClearField("raw_data")
     onnx.save(proto, str(folder / name))
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vera_runtime.files import load_file_bounded
 from vera_runtime.layout import GENAI_CONFIG, hot_template_path, task_file_paths
 
 from ._builder import BUILDER_VERSION, PRECISIONS, Build, builder_python, check_base
@@ -135,7 +136,7 @@ def _stage_set(base: Path, out: Path, scratch: Path, built: Path, tasks: list, s
     for written in sorted(scratch.iterdir()):
         if written.is_file():
             os.replace(written, staging.path(out.with_name(written.name)))
-    config = json.loads((built / GENAI_CONFIG).read_text())  # the builder's: it describes its graph
+    config = load_file_bounded(built / GENAI_CONFIG)  # the builder's: it describes its graph
     config["model"]["decoder"]["filename"] = out.name
     staging.path(out.with_name(GENAI_CONFIG)).write_text(json.dumps(config, indent=2) + "\n")
     stage_tokenizer_files(out, base, staging)

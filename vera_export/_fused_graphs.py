@@ -4,7 +4,6 @@ and its hot template, each written with the contract in its metadata."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import onnx_ir as ir
@@ -14,11 +13,11 @@ from vera_runtime import Contract
 from vera_runtime.files import template_digest
 from vera_runtime.layout import CacheLayout, hot_template_path
 
+from . import _passes
 from ._builder import BUILDER_VERSION
 from ._digest import base_digest
-from ._export import _contract, current_task
+from ._export import _contract, _save, current_task
 from ._graft import find_targets, graft, name_dims, set_contract
-from ._passes import HOT_TEMPLATE_KEY
 
 
 def head_dim(config) -> int:
@@ -65,45 +64,23 @@ def write_graphs(built: Path, out: Path, scratch: Path, adapted, model: nn.Modul
     ir_model = ir.load(built)
     contract = fused_contract(adapted, model, ir_model, precision)
     task = current_task(adapted, contract)  # its λ: the defaults of the graph, and the template's values
-    branches = (adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), task.tensors)
+    projections = (adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy())
     label = f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu"
     if hot_template:
         template = scratch / hot_template_path(out).name
-        _write_hot_template(ir.load(built), template, model, contract, branches, label)
+        hot_model = ir.load(built)
+        graft(hot_model, find_targets(hot_model, contract.layers, _widths(model.config)), *projections, hot=True)
+        _passes.inline_task(hot_model, task.tensors)
+        _finish(hot_model, model, contract, label)
+        _save(hot_model, scratch, template.name)  # as a traced export's template: λ in its .data
         contract = dataclasses.replace(contract, hot_template_sha256=template_digest(template))
-    graft(ir_model, find_targets(ir_model, contract.layers, _widths(model.config)), *branches)
+    graft(ir_model, find_targets(ir_model, contract.layers, _widths(model.config)), *projections)
+    _passes.add_task_defaults(ir_model, task.tensors)
     _finish(ir_model, model, contract, label)
     ir.save(ir_model, scratch / out.name, external_data=f"{out.name}.data")
     return contract
 
 
-def _write_hot_template(ir_model: ir.Model, template: Path, model: nn.Module, contract: Contract, branches,
-                        label: str) -> None:
-    names = graft(ir_model, find_targets(ir_model, contract.layers, _widths(model.config)), *branches, hot=True)
-    _finish(ir_model, model, contract, label)
-    ir_model.metadata_props[HOT_TEMPLATE_KEY] = json.dumps(names)
-    ir.save(ir_model, template, external_data=f"{template.name}.data")
-    _move_to_data(template, names)
-
-
 def _finish(ir_model: ir.Model, model: nn.Module, contract: Contract, label: str) -> None:
     name_dims(ir_model, head_dim(model.config))
     set_contract(ir_model, contract, label)
-
-
-def _move_to_data(template: Path, names: list[str]) -> None:
-    """Store the λ initializers of a saved template in its ``.data`` file, as ONNX Runtime's
-    ``add_external_initializers`` requires of what it replaces (small ones were saved inline)."""
-    import onnx
-    from onnx import external_data_helper
-
-    proto = onnx.load(str(template), load_external_data=False)
-    data = Path(f"{template}.data")
-    with open(data, "ab") as handle:
-        for tensor in proto.graph.initializer:
-            if tensor.name in names and tensor.HasField("raw_data"):
-                offset, raw = handle.tell(), tensor.raw_data
-                handle.write(raw)
-                external_data_helper.set_external_data(tensor, data.name, offset, len(raw))
-                tensor.ClearField("raw_data")
-    onnx.save(proto, str(template))

@@ -138,12 +138,11 @@ class _Nodes:
         return self.constant(f"vera/ints_{'_'.join(map(str, values))}", np.array(values, np.int64))
 
 
-def _task_input(graph: ir.Graph, name: str, size: int, default: np.ndarray) -> ir.Value:
-    """A λ graph input ``[tasks, size]`` whose default initializer holds the exported task."""
+def _task_input(graph: ir.Graph, name: str, size: int) -> ir.Value:
+    """A λ graph input ``[tasks, size]``, as in a traced graph (``_passes`` gives it its default, or
+    makes it the hot template's initializer)."""
     value = ir.Value(name=name, shape=ir.Shape(["tasks", size]), type=ir.TensorType(ir.DataType.FLOAT))
-    value.const_value = ir.tensor(np.ascontiguousarray(default, dtype=np.float32)[None], name=name)
     graph.inputs.append(value)
-    graph.register_initializer(value)
     return value
 
 
@@ -162,12 +161,16 @@ def _b_t(op: _Nodes, width: int) -> ir.Value:
                                             perm=[1, 0]))
 
 
-def _delta(op: _Nodes, layer: LayerSpec, x: ir.Value, task: dict[str, np.ndarray]) -> ir.Value:
+def _lambdas(op: _Nodes, layer: LayerSpec) -> tuple[ir.Value, ir.Value]:
+    return (_task_input(op.graph, layer.lambda_d, op.graph.initializers["vera_A"].shape[0]),
+            _task_input(op.graph, layer.lambda_b, layer.out_features))
+
+
+def _delta(op: _Nodes, layer: LayerSpec, x: ir.Value) -> ir.Value:
     """``((x @ A[:, :in]ᵀ) ⊙ Λd) @ B[:out, :]ᵀ ⊙ Λb`` for one layer, λ as task inputs; ``x @ Aᵀ`` is shared by
     the layers that read ``x``."""
     xa = op.once((x.name, layer.in_features), lambda: op("MatMul", x, _a_t(op, layer.in_features)))
-    lambda_d = _task_input(op.graph, layer.lambda_d, op.graph.initializers["vera_A"].shape[0], task[layer.lambda_d])
-    lambda_b = _task_input(op.graph, layer.lambda_b, layer.out_features, task[layer.lambda_b])
+    lambda_d, lambda_b = _lambdas(op, layer)
     scaled = op("Mul", xa, op("Unsqueeze", lambda_d, op.ints(1)))
     return op("Mul", op("MatMul", scaled, _b_t(op, layer.out_features)), op("Unsqueeze", lambda_b, op.ints(1)))
 
@@ -183,16 +186,15 @@ def _place(op: _Nodes, piece: ir.Value, t: Target, axis: int) -> ir.Value:
     return piece
 
 
-def _hot_weight(op: _Nodes, group: list[Target], task: dict[str, np.ndarray]) -> ir.Value:
-    """The hot template's ``M = Σ pad(diag(Λd) B[:out, :]ᵀ diag(Λb))`` of one builder MatMul, from λ
-    initializers: all constant, so ONNX Runtime folds ``M`` when it builds a task's hot session."""
+def _hot_weight(op: _Nodes, group: list[Target]) -> ir.Value:
+    """The hot template's ``M = Σ pad(diag(Λd) B[:out, :]ᵀ diag(Λb))`` of one builder MatMul: once λ are
+    the template's initializers, all constant, so ONNX Runtime folds ``M`` when it builds a task's session."""
     total = None
     for t in group:
         layer = t.layer
 
         def weight(layer=layer) -> ir.Value:
-            lambda_d = op.constant(layer.lambda_d, np.ascontiguousarray(task[layer.lambda_d], np.float32)[None])
-            lambda_b = op.constant(layer.lambda_b, np.ascontiguousarray(task[layer.lambda_b], np.float32)[None])
+            lambda_d, lambda_b = _lambdas(op, layer)
             scaled = op("Mul", op("Transpose", lambda_d, perm=[1, 0]), _b_t(op, layer.out_features))
             return op("Mul", scaled, lambda_b)
 
@@ -201,13 +203,13 @@ def _hot_weight(op: _Nodes, group: list[Target], task: dict[str, np.ndarray]) ->
     return total
 
 
-def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np.ndarray,
-          task: dict[str, np.ndarray], hot: bool = False) -> list[str]:
-    """Add every target's VeRA branch to the builder's graph, in place (see the module docstring).
+def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np.ndarray, hot: bool = False) -> None:
+    """Add every target's VeRA branch to the builder's graph, in place (see the module docstring), with λ
+    as graph inputs ``[tasks, n]`` (their defaults are added by ``_passes.add_task_defaults``).
 
-    ``hot``: the hot template instead, where λ are initializers holding ``task`` (a session replaces them
-    with its task's): each builder MatMul then gets ``x·Aᵀ`` (shared), ``·M`` and an Add, three nodes in
-    all, against seven per layer with λ as inputs. Returns the λ names."""
+    ``hot``: the hot template's arrangement, for λ that ``_passes.inline_task`` makes initializers (a
+    session replaces them with its task's): each builder MatMul then gets ``x·Aᵀ`` (shared), ``·M`` and an
+    Add, three nodes in all, against seven per layer with λ as inputs."""
     graph = model.graph
     op = _Nodes(graph, "/vera")
     op.constant("vera_A", np.ascontiguousarray(vera_a, dtype=np.float32))
@@ -224,17 +226,16 @@ def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np
         op.prefix = f"/vera{node_name.rsplit('/', 1)[0]}"
         if hot:
             xa = op.once((x.name, width), lambda x=x, width=width: op("MatMul", x, _a_t(op, width)))
-            total = op("Add", output, op("MatMul", xa, _hot_weight(op, group, task)))
+            total = op("Add", output, op("MatMul", xa, _hot_weight(op, group)))
         else:
             total = output
             for t in group:
                 if t.layer.name not in deltas:
-                    deltas[t.layer.name] = _delta(op, t.layer, x, task)
+                    deltas[t.layer.name] = _delta(op, t.layer, x)
                 total = op("Add", total, _place(op, deltas[t.layer.name], t, axis=2))
         for use in readers:
             use.node.replace_input_with(use.idx, total)
     graph.sort()
-    return list(dict.fromkeys(name for t in targets for name in (t.layer.lambda_d, t.layer.lambda_b)))
 
 
 def set_contract(model: ir.Model, contract: Contract, builder: str) -> None:
