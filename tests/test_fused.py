@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from peft_folders import add_tokenizer, make_adapter, make_base, model_class
 
 from helpers import genai_generate, genai_python
-from vera_export import VeraExportError, _graft
+from vera_export import VeraExportError, _graft, _merge_template
 from vera_export._fused import export_fused
 from vera_export._peft import export_peft
 from vera_export.cli import main
@@ -78,7 +78,7 @@ def _session(graph: Path) -> VeraSession:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Built, Path, Path]:
     built = _build(tmp_path_factory.mktemp("fused-llama"), "llama")
-    return built, _export(built, "fp32"), _export(built, "int4", hot_template=True)
+    return built, _export(built, "fp32", hot_template=True), _export(built, "int4", hot_template=True)
 
 
 FAMILIES = ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("phi3", marks=pytest.mark.slow),
@@ -163,13 +163,14 @@ def test_the_int4_graph_switches_tasks_per_row_and_genai_runs_it_with_our_adapte
     assert got[TASKS[0]] != got[TASKS[1]]
 
 
-def test_the_hot_template_serves_one_task_as_the_graph_does(llama):
-    """`specialize` builds a task's session from the hot template (its VeRA weights folded per builder MatMul):
-    single-task generation then runs there, with the factored graph's tokens."""
-    built, _, int4 = llama
-    assert int4.with_name("model.hot.onnx").is_file()
-    session = _session(int4)
-    factored = VeraSession(int4, device="cpu", hot_tasks=0)
+def test_the_fp32_hot_template_serves_one_task_as_the_graph_does(llama):
+    """`specialize` builds a task's session from the hot template (``W + ΔW`` folded per builder MatMul):
+    single-task generation then runs there, with the factored graph's tokens; a streak of single-task calls
+    specialises on its own."""
+    built, fp32, _ = llama
+    assert fp32.with_name("model.hot.onnx").is_file() and not fp32.with_name("model.hot.merge.safetensors").exists()
+    session = _session(fp32)
+    factored = VeraSession(fp32, device="cpu", hot_tasks=0)
     factored.load_tasks_beside()
     session.specialize("beta").result()
     assert session.hot == ("beta",)
@@ -178,6 +179,91 @@ def test_the_hot_template_serves_one_task_as_the_graph_does(llama):
         np.testing.assert_array_equal(
             session.generate(ids, mask, task=task, max_new_tokens=NEW, eos_token_id=[]),
             factored.generate(ids, mask, task=task, max_new_tokens=NEW, eos_token_id=[]), err_msg=task)
+    for _ in range(10):
+        session.generate(ids[:1], task="alpha", max_new_tokens=1, eos_token_id=[])
+    session._hot._pending.get("alpha", _done()).result()
+    assert "alpha" in session.hot
+
+
+def _done():
+    import concurrent.futures
+
+    future = concurrent.futures.Future()
+    future.set_result(None)
+    return future
+
+
+def _builder_int4_of_merged(built: Built, task: str) -> Path:
+    """onnxruntime-genai's builder's int4 graph of ``task`` merged into the base by PEFT: what a user who
+    merges runs."""
+    import shutil
+
+    from vera_export._builder import Build
+
+    folder = built.root / f"merged-{task}"
+    if not (folder / "int4" / "model.onnx").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _peft(built, "llama")
+            model.set_adapter(task)
+            model.merge_and_unload().save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(built.base / name, folder / name)
+        build = Build(str(genai_python()), folder, folder / "int4", "int4", folder / "cache")
+        try:
+            build.result()
+        finally:
+            build.stop()
+    return folder / "int4" / "model.onnx"
+
+
+def test_an_int4_hot_session_is_the_builders_int4_of_the_merged_model(llama, tmp_path):
+    """The int4 hot template merges a task's weights and quantizes them as the builder does: its int4 blocks
+    are the builder's for the PEFT-merged model, byte for byte (scales to float rounding), and
+    onnxruntime-genai on that merged model generates what the specialised session generates. Its logits are
+    not the factored graph's (it rounds W + ΔW, not W), so single-task streaks never specialise on their own."""
+    import onnx_ir as ir
+
+    from vera_runtime.files import MergePlan
+
+    built, _, int4 = llama
+    merged = _builder_int4_of_merged(built, "beta")
+    session = _session(int4)
+    plan = MergePlan(int4.with_name("model.hot.merge.safetensors"), session.contract)
+    theirs = ir.load(merged).graph.initializers
+    for name, ours in plan.initializers(session._store.current("beta").feeds).items():
+        expected = theirs[name].const_value.numpy()
+        if name.endswith("_Q4"):
+            np.testing.assert_array_equal(ours, expected, err_msg=name)
+        else:
+            np.testing.assert_allclose(ours, expected, rtol=1e-6, err_msg=name)
+    prompt = [5, 17, 300, 42]
+    for _ in range(10):
+        session.generate(np.array([prompt]), task="beta", max_new_tokens=1, eos_token_id=[])
+    session._hot._pending.get("beta", _done()).result()
+    assert session.hot == ()
+    session.specialize("beta").result()
+    assert session.hot == ("beta",)
+    ours = session.generate(np.array([prompt]), task="beta", max_new_tokens=NEW, eos_token_id=[])
+    genai = genai_generate(merged.parent, prompt, len(prompt) + NEW, {"": ""}, tmp_path)[""]
+    assert ours[0].tolist() == genai
+
+
+def test_a_tampered_merge_file_is_refused(llama, tmp_path):
+    """The template's digest covers its merge file: an edited one is never served."""
+    import shutil
+
+    from vera_runtime import GraphError
+
+    folder = tmp_path / "copy"
+    shutil.copytree(llama[2].parent, folder)
+    merge = folder / "model.hot.merge.safetensors"
+    data = bytearray(merge.read_bytes())
+    data[-1] ^= 0x40  # a float of the last weight
+    merge.write_bytes(bytes(data))
+    session = _session(folder / "model.onnx")
+    with pytest.warns(RuntimeWarning, match="is not the template exported"), pytest.raises(GraphError):
+        session.specialize("beta").result()
 
 
 def test_a_hot_template_that_differs_from_the_graph_fails_the_export(llama, monkeypatch):
@@ -189,6 +275,59 @@ def test_a_hot_template_that_differs_from_the_graph_fails_the_export(llama, monk
     with pytest.raises(VeraExportError, match="hot template, task '(alpha|beta)', vs the graph"):
         _export(built, "fp32", name="bad-template", hot_template=True)
     assert not list((built.root / "bad-template-fp32").iterdir())
+
+
+def test_an_int4_hot_template_that_cannot_rebuild_the_builders_weights_fails_the_export(llama, monkeypatch):
+    """The weights the merge file keeps must be those the builder quantized: with k and v swapped in the packed
+    q|k|v, ONNX Runtime's quantization of them is not the builder's int4 blocks, and nothing is written."""
+    built = llama[0]
+    monkeypatch.setitem(_graft._PACKED, "qkv_proj", ("q_proj", "v_proj", "k_proj"))
+    with pytest.raises(VeraExportError, match="int4 quantization of the model's weights for .*qkv_proj.* is not the"):
+        _export(built, "int4", name="unbuildable", hot_template=True)
+    assert not list((built.root / "unbuildable-int4").iterdir())
+
+
+def test_an_int4_merge_plan_with_a_delta_out_of_place_fails_the_export(llama, monkeypatch):
+    """The plan's merged weights must be PEFT's: v's delta moved onto q's columns is caught before anything
+    is written."""
+    built = llama[0]
+    real = _merge_template._plan_entry
+
+    def misplaced(node, fp32, group):
+        entry = real(node, fp32, group)
+        entry["parts"][-1]["offset"] = 0
+        return entry
+
+    monkeypatch.setattr(_merge_template, "_plan_entry", misplaced)
+    with pytest.raises(VeraExportError, match="merged weight of .*qkv_proj.* differs from PEFT's merged weight"):
+        _export(built, "int4", name="misplaced", hot_template=True)
+    assert not list((built.root / "misplaced-int4").iterdir())
+
+
+@pytest.mark.parametrize("plan, message", [
+    ('[{"weight": 1}]', "a plan entry has not the fields"),
+    ("not json", "its plan"),
+    (None, "does not fit the graph's task inputs"),  # the real plan, v's columns past the weight's
+])
+def test_a_malformed_merge_file_is_refused_with_its_name(llama, tmp_path, plan, message):
+    import json as json_
+
+    from safetensors.numpy import load_file, save_file
+
+    from vera_runtime import GraphError
+    from vera_runtime._header import read_header
+    from vera_runtime.files import MergePlan
+    from vera_runtime.layout import KEY_MERGE
+
+    source = llama[2].with_name("model.hot.merge.safetensors")
+    if plan is None:
+        entries = json_.loads(read_header(source).metadata[KEY_MERGE])
+        entries[0]["parts"][-1]["offset"] = 10_000
+        plan = json_.dumps(entries)
+    path = tmp_path / "m.hot.merge.safetensors"
+    save_file(load_file(source), path, metadata={KEY_MERGE: plan})
+    with pytest.raises(GraphError, match=f"{path}.*{message}.*export again with --hot-template"):
+        MergePlan(path, _session(llama[2]).contract)
 
 
 def test_a_branch_in_the_wrong_slot_fails_the_export(llama, monkeypatch):

@@ -111,7 +111,7 @@ def export_fused(
             template = scratch / hot_template_path(out).name if hot_template else None
             feeds = {name: {key: value[None] for key, value in task.tensors.items()} for name, task in tasks.items()}
             default = DEFAULT_TOLERANCE if precision == "fp32" else FORM_TOLERANCES[precision]
-            verification = verify_graphs(scratch / out.name, template, refs, feeds, cache, contract.weight_dtype,
+            verification = verify_graphs(scratch / out.name, template, refs, feeds, cache, contract,
                                          tolerance or default)
         # 5. The whole set, published at once.
         task_files = _stage_set(given.base, out, scratch, built.parent, list(tasks.values()), staging)

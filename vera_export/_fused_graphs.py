@@ -18,6 +18,7 @@ from ._builder import BUILDER_VERSION
 from ._digest import base_digest
 from ._export import _contract, _save, current_task
 from ._graft import find_targets, graft, name_dims, set_contract
+from ._merge_template import write_merge_template
 
 
 def head_dim(config) -> int:
@@ -64,21 +65,34 @@ def write_graphs(built: Path, out: Path, scratch: Path, adapted, model: nn.Modul
     ir_model = ir.load(built)
     contract = fused_contract(adapted, model, ir_model, precision)
     task = current_task(adapted, contract)  # its λ: the defaults of the graph, and the template's values
-    projections = (adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy())
     label = f"onnxruntime-genai {BUILDER_VERSION} model builder, {precision}, cpu"
     if hot_template:
         template = scratch / hot_template_path(out).name
-        hot_model = ir.load(built)
-        graft(hot_model, find_targets(hot_model, contract.layers, _widths(model.config)), *projections, hot=True)
-        _passes.inline_task(hot_model, task.tensors)
-        _finish(hot_model, model, contract, label)
-        _save(hot_model, scratch, template.name)  # as a traced export's template: λ in its .data
+        _write_template(built, template, adapted, model, contract, task.tensors, label)
         contract = dataclasses.replace(contract, hot_template_sha256=template_digest(template))
-    graft(ir_model, find_targets(ir_model, contract.layers, _widths(model.config)), *projections)
+    targets = find_targets(ir_model, contract.layers, _widths(model.config))
+    graft(ir_model, targets, adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy())
     _passes.add_task_defaults(ir_model, task.tensors)
     _finish(ir_model, model, contract, label)
     ir.save(ir_model, scratch / out.name, external_data=f"{out.name}.data")
     return contract
+
+
+def _write_template(built: Path, template: Path, adapted, model: nn.Module, contract: Contract, task: dict,
+                    label: str) -> None:
+    """The hot template: float graphs fold ``W + ΔW`` from λ initializers (``graft(hot=True)``); int4 graphs
+    keep the builder's graph as it is, with a merge file from which the runtime requantizes a task's merged
+    weights (``write_merge_template``). Its weights and replaced tensors live in its ``.data``."""
+    hot_model = ir.load(built)
+    widths = _widths(model.config)
+    targets = find_targets(hot_model, contract.layers, widths)
+    if contract.weight_dtype == "int4":
+        write_merge_template(hot_model, targets, model, adapted, contract, task, widths, template)
+    else:
+        graft(hot_model, targets, adapted.vera_a.detach().numpy(), adapted.vera_b.detach().numpy(), hot=True)
+        _passes.inline_task(hot_model, task)
+    _finish(hot_model, model, contract, label)
+    _save(hot_model, template.parent, template.name)
 
 
 def _finish(ir_model: ir.Model, model: nn.Module, contract: Contract, label: str) -> None:

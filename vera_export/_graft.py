@@ -8,9 +8,10 @@ The builder's decoder (GroupQueryAttention, fused RMSNorms, one packed q|k|v Mat
 added to that node's output — at the projection's offset when the builder packed several projections
 into one MatMul. ``x @ Aᵀ`` is computed once per input and width (q, k and v read the same norm output).
 λ inputs keep the contract's shape ``[tasks, n]``: unsqueezed to ``[tasks, 1, n]`` they broadcast over
-``[batch, sequence, n]``, one task for the batch or one per row. The hot template (``graft(hot=True)``)
-arranges the same arithmetic as ``(x @ Aᵀ) @ M`` with ``M`` built from λ initializers, for ONNX Runtime
-to fold once per task.
+``[batch, sequence, n]``, one task for the batch or one per row. The float hot template
+(``graft(hot=True)``) gives each builder MatMul the weight ``W + Aᵀ · M`` with ``M`` built from λ
+initializers, for ONNX Runtime to fold into the merged weight once per task (int4 templates merge in the
+runtime: ``_merge_template``).
 """
 
 from __future__ import annotations
@@ -207,9 +208,9 @@ def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np
     """Add every target's VeRA branch to the builder's graph, in place (see the module docstring), with λ
     as graph inputs ``[tasks, n]`` (their defaults are added by ``_passes.add_task_defaults``).
 
-    ``hot``: the hot template's arrangement, for λ that ``_passes.inline_task`` makes initializers (a
-    session replaces them with its task's): each builder MatMul then gets ``x·Aᵀ`` (shared), ``·M`` and an
-    Add, three nodes in all, against seven per layer with λ as inputs."""
+    ``hot`` (float graphs): the hot template's arrangement, for λ that ``_passes.inline_task`` makes
+    initializers (a session replaces them with its task's): each builder MatMul's weight becomes
+    ``W + A[:, :in]ᵀ · M``, all constant, which ONNX Runtime folds into one merged weight per task."""
     graph = model.graph
     op = _Nodes(graph, "/vera")
     op.constant("vera_A", np.ascontiguousarray(vera_a, dtype=np.float32))
@@ -225,14 +226,16 @@ def graft(model: ir.Model, targets: list[Target], vera_a: np.ndarray, vera_b: np
         readers = list(output.uses())
         op.prefix = f"/vera{node_name.rsplit('/', 1)[0]}"
         if hot:
-            xa = op.once((x.name, width), lambda x=x, width=width: op("MatMul", x, _a_t(op, width)))
-            total = op("Add", output, op("MatMul", xa, _hot_weight(op, group)))
-        else:
-            total = output
-            for t in group:
-                if t.layer.name not in deltas:
-                    deltas[t.layer.name] = _delta(op, t.layer, x)
-                total = op("Add", total, _place(op, deltas[t.layer.name], t, axis=2))
+            if group[0].node.op_type != "MatMul":
+                raise VeraExportError(f"{node_name} is not a float MatMul: int4 hot templates merge in the runtime.")
+            merged = op("Add", group[0].node.inputs[1], op("MatMul", _a_t(op, width), _hot_weight(op, group)))
+            group[0].node.replace_input_with(1, merged)
+            continue
+        total = output
+        for t in group:
+            if t.layer.name not in deltas:
+                deltas[t.layer.name] = _delta(op, t.layer, x)
+            total = op("Add", total, _place(op, deltas[t.layer.name], t, axis=2))
         for use in readers:
             use.node.replace_input_with(use.idx, total)
     graph.sort()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vera_runtime import TASK_SUFFIX
 from vera_runtime.files import finish_publish, publish, refuse_overwriting, remove_stale_staging, signals_deferred
-from vera_runtime.layout import COMPANION_FILES, own_names, staged_for, staging_path
+from vera_runtime.layout import COMPANION_FILES, MERGE_SUFFIX, own_names, staged_for, staging_path
 
 from ._errors import VeraExportError
 
@@ -106,7 +106,7 @@ def unstaged(path: str | os.PathLike) -> str:
     return staged_for(name) or name
 
 
-_WRITTEN_BY_EXPORTS = (".onnx", ".onnx.data", ".ort", ".onnx_adapter", TASK_SUFFIX, "genai_config.json")
+_WRITTEN_BY_EXPORTS = (".onnx", ".onnx.data", ".ort", ".onnx_adapter", TASK_SUFFIX, MERGE_SUFFIX, "genai_config.json")
 
 
 def input_files(paths) -> tuple[Path, ...]:

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vera_runtime.layout import CacheLayout
+from vera_runtime import Contract
+from vera_runtime.files import MergePlan
+from vera_runtime.layout import CacheLayout, merge_path
 
 from ._agreement import Check, compare_outputs
 from ._defaults import DEFAULT_TOLERANCE
@@ -22,11 +24,8 @@ from ._export import _require_pass
 from ._verify import Verification, ort_session
 
 _BATCH, _PROMPT, _DECODE_STEPS = 2, 6, 3
-# The hot template computes the VeRA delta in another order than the graph: rounding in float32, but in
-# int4 MatMulNBits (accuracy level 4) quantizes its input to int8 per block, so a rounding difference can
-# move a value by one int8 step, and the next layers carry it (1.5% of the logits' scale measured on a
-# 125M Llama; a task's λ in the wrong place or of another task moves them by tens of percent).
-HOT_TOLERANCES = {"float32": DEFAULT_TOLERANCE, "int4": 0.05}
+# The float hot template folds W + ΔW where the graph adds ΔW·x: float32 rounding apart.
+HOT_TOLERANCES = {"float32": DEFAULT_TOLERANCE}
 # The template's structure is the same for every task: the default task and one other (whose λ must
 # replace the template's) check it; each hot session holds a copy of the weights and takes seconds.
 _HOT_CHECKS = 2
@@ -108,10 +107,12 @@ def _task_checks(session, cache, refs: References, feeds: dict) -> tuple[list[Ch
     return checks, compare_outputs(f"{label} vs each task alone", got, _flat(_per_row(alone, order)))
 
 
-def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
-    """A session of the hot template with one task's λ, built as the runtime builds it."""
+def _hot_session(template: Path, contract: Contract, task: dict[str, np.ndarray]):
+    """A session of the hot template with one task, built as the runtime builds it: the task's λ replace the
+    template's, or (int4) its merged weights, quantized, replace the builder's."""
     import onnxruntime as ort
 
+    tensors = MergePlan(merge_path(template), contract).initializers(task) if merge_path(template).is_file() else task
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in tensors.values()]
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -122,23 +123,27 @@ def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
 
 
 def verify_graphs(graph: Path, template: Path | None, refs: References, feeds: dict[str, dict[str, np.ndarray]],
-                  cache: tuple[CacheLayout, int], weights: str, tolerance: float) -> Verification:
+                  cache: tuple[CacheLayout, int], contract: Contract, tolerance: float) -> Verification:
     """Each task (``feeds``: its λ as ``[1, n]`` feeds) and a task per row against PyTorch (``tolerance``); a
     task per row against each task alone (the same arithmetic: ``DEFAULT_TOLERANCE``); and the first two
-    tasks' hot sessions (``template``) against the graph (``HOT_TOLERANCES[weights]``), each built after the
-    graph's session is released. Raises VeraExportError when a check fails."""
+    tasks' hot sessions (``template``), each built after the graph's session is released: against the graph
+    (``HOT_TOLERANCES``), or when they merge int4 weights (rounding ``W + ΔW``, not ``W``) against PyTorch
+    as the graph is (``tolerance``). Raises VeraExportError when a check fails."""
     session = ort_session(graph)
     checks, rows = _task_checks(session, cache, refs, feeds)
     hot_feeds = dict(list(feeds.items())[:_HOT_CHECKS]) if template is not None else {}
-    hot_tokens = [refs.tokens[next(iter(feeds))][step] for step in range(_DECODE_STEPS)]
-    expected = {name: _ort_steps(session, cache, refs.ids, hot_tokens, f) for name, f in hot_feeds.items()}
+    merges = template is not None and merge_path(template).is_file()
+    tokens = {name: refs.tokens[name if merges else next(iter(feeds))] for name in hot_feeds}
+    expected = {name: refs.logits[name] if merges else _ort_steps(session, cache, refs.ids, tokens[name], f)
+                for name, f in hot_feeds.items()}
     del session
     if rows is not None:
         _require_pass(Verification((rows,), DEFAULT_TOLERANCE))
-    hot = [compare_outputs(f"hot template, task '{name}', vs the graph",
-                           _flat(_ort_steps(_hot_session(template, f), cache, refs.ids, hot_tokens, {})),
+    against = "PyTorch" if merges else "the graph"
+    hot = [compare_outputs(f"hot template, task '{name}', vs {against}",
+                           _flat(_ort_steps(_hot_session(template, contract, f), cache, refs.ids, tokens[name], {})),
                            _flat(expected[name])) for name, f in hot_feeds.items()]
     if hot:
-        _require_pass(Verification(tuple(hot), HOT_TOLERANCES[weights]))
+        _require_pass(Verification(tuple(hot), tolerance if merges else HOT_TOLERANCES[contract.weight_dtype]))
     _require_pass(Verification(tuple(checks), tolerance))
     return Verification((*checks, *filter(None, [rows]), *hot), tolerance)

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from ._contract import Contract
 from ._errors import GraphError
+from ._merge import MergePlan, merge_path
 from ._tasks import LoadedTask, TaskStore
 
 HOT_SUFFIX = ".hot.onnx"
@@ -34,9 +35,10 @@ def hot_template_path(graph: Path) -> Path:
 
 
 def template_digest(template: Path) -> str:
-    """SHA-256 of a hot template file and of its external data file (``<template>.data``, when present)."""
+    """SHA-256 of a hot template file, of its external data file (``<template>.data``) and of its merge
+    file (``<stem>.hot.merge.safetensors``), those two when present."""
     digest = hashlib.sha256(b"vera-export hot template v1\0")
-    for path in (template, Path(f"{template}.data")):
+    for path in (template, Path(f"{template}.data"), merge_path(template)):
         if path == template or path.is_file():
             digest.update(f"{path.name}\0".encode())
             with open(path, "rb") as handle:
@@ -58,6 +60,10 @@ class HotTemplate:
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def merges(self) -> bool:
+        """Whether the template merges and requantizes int4 weights (a merge file beside it)."""
+        return merge_path(self.path).is_file()
 
     def refused(self) -> bool:
         """Whether the template was checked and refused (cheap: never hashes)."""
@@ -117,6 +123,10 @@ class HotTasks:
         self._streak: tuple[str | None, int] = (None, 0)
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._contract = contract
+        self._plan: MergePlan | None = None
+        # a merged int4 session rounds W + ΔW, not W: its logits are not the graph's, so only when asked
+        self._automatic = not self.template.merges()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -144,7 +154,8 @@ class HotTasks:
                 return hot
             streak = self._streak[1] + 1 if self._streak[0] == task else 1
             self._streak = (task, streak)
-            if streak >= _HOT_AFTER and current is not None and self.template.exists() and not self.template.refused():
+            if (streak >= _HOT_AFTER and self._automatic and current is not None and self.template.exists()
+                    and not self.template.refused()):
                 self._schedule(current)
         return None
 
@@ -175,10 +186,11 @@ class HotTasks:
         try:
             if self.template.problem():  # checked (and warned about) once; never built from
                 return
-            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in task.feeds.values()]
+            tensors = self._initializers(task)
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in tensors.values()]
             options = self._session_options()
             # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
-            options.add_external_initializers(list(task.feeds), values)
+            options.add_external_initializers(list(tensors), values)
             session = ort.InferenceSession(str(self.template.path), options, providers=["CPUExecutionProvider"])
             with self._lock:
                 if self._store.current(task.name) is task and self.capacity:  # not unloaded, replaced or closed
@@ -188,6 +200,14 @@ class HotTasks:
         finally:
             with self._lock:
                 self._pending.pop(task.name, None)
+
+    def _initializers(self, task: LoadedTask) -> dict:
+        """What replaces the template's initializers: the task's λ, or (merge templates) its merged weights."""
+        if not self.template.merges():
+            return task.feeds
+        if self._plan is None:  # read once, after the digest check
+            self._plan = MergePlan(merge_path(self.template.path), self._contract)
+        return self._plan.initializers(task.feeds)
 
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -23,6 +23,7 @@ from ._hot import hot_template_path
 from ._io import MODE, atomic_path, signals_deferred, staged_for
 from ._json import JsonError, load_file_bounded
 from ._labels import labels_path
+from ._merge import merge_path
 from ._taskfile import ADAPTER_SUFFIX, TASK_SUFFIX, is_task_name
 
 JOURNAL_SUFFIX = ".vera-publish"
@@ -44,8 +45,9 @@ def journal_path(graph: str | os.PathLike) -> Path:
 
 def own_names(graph: Path, name: str) -> bool:
     """Whether ``name`` is one of the files an export of ``graph`` writes beside it."""
-    hot = hot_template_path(graph).name
-    if name in {graph.name, f"{graph.name}.data", hot, f"{hot}.data", labels_path(graph).name, *COMPANION_FILES}:
+    hot = hot_template_path(graph)
+    if name in {graph.name, f"{graph.name}.data", hot.name, f"{hot.name}.data", merge_path(hot).name,
+                labels_path(graph).name, *COMPANION_FILES}:
         return True
     stem = graph.with_suffix("").name
     return any(name.startswith(f"{stem}.") and name.endswith(suffix) and is_task_name(name[len(stem) + 1:-len(suffix)])

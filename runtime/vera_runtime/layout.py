@@ -4,7 +4,8 @@ never vera_runtime's private modules.
 
 - Task inputs: ``<layer>.vera_lambda_d`` / ``.vera_lambda_b`` (λ) and ``<head>.weight`` / ``.bias``.
 - Beside ``<stem>.onnx``: ``<stem>.<task>.task.safetensors`` and ``.onnx_adapter`` (task names match
-  ``[A-Za-z0-9_-]{1,64}``), the hot template ``<stem>.hot.onnx``, and for KV-cache graphs
+  ``[A-Za-z0-9_-]{1,64}``), the hot template ``<stem>.hot.onnx`` (for fused int4 graphs with its merge
+  file ``<stem>.hot.merge.safetensors``), and for KV-cache graphs
   ``genai_config.json`` with the tokenizer files (``COMPANION_FILES``).
 - While a command writes: staged ``.<name>.<pid>.<hex>.vera-tmp`` files, and ``.<graph>.vera-publish``,
   the journal of a publish that was interrupted.
@@ -37,6 +38,8 @@ from ._generate import GENAI_CONFIG, PAST, PRESENT, CacheLayout, positions
 from ._hot import HOT_SUFFIX, hot_template_path
 from ._io import STAGING_SUFFIX, staged_for, staging_path
 from ._labels import LABELS_SUFFIX, labels_path
+from ._merge import MERGE_KEY as KEY_MERGE
+from ._merge import MERGE_SUFFIX, merge_path
 from ._publish import COMPANION_FILES, JOURNAL_SUFFIX, journal_path, own_names
 from ._taskfile import (
     ADAPTER_SUFFIX,
@@ -52,10 +55,9 @@ from ._taskfile import (
 __all__ = [
     "ADAPTER_SUFFIX", "COMPANION_FILES", "CacheLayout", "GENAI_CONFIG", "HOT_SUFFIX", "JOURNAL_SUFFIX",
     "KEY_BASE_DIGEST", "KEY_DEFAULT_TASK", "KEY_DIGEST", "KEY_DIM_LIMITS", "KEY_FINGERPRINT", "KEY_HEADS",
-    "KEY_HOT_TEMPLATE", "KEY_INPUT_HIGHS", "KEY_KV_SHARED", "KEY_LAYERS", "KEY_R", "KEY_RECIPE", "KEY_SEED",
-    "KEY_TASK_DEFAULTS", "KEY_VERSION", "KEY_WEIGHTS", "LABELS_SUFFIX", "LAMBDA_B", "LAMBDA_D", "MASKS", "PAST",
-    "PRESENT",
-    "STAGING_SUFFIX", "TASK_SUFFIX", "adapter_model_version", "check_task_name", "hot_template_path", "is_task_name",
-    "journal_path", "labels_path", "own_names", "positions", "staged_for", "staging_path", "task_file_paths",
-    "task_files_beside",
+    "KEY_HOT_TEMPLATE", "KEY_INPUT_HIGHS", "KEY_KV_SHARED", "KEY_LAYERS", "KEY_MERGE", "KEY_R", "KEY_RECIPE",
+    "KEY_SEED", "KEY_TASK_DEFAULTS", "KEY_VERSION", "KEY_WEIGHTS", "LABELS_SUFFIX", "LAMBDA_B", "LAMBDA_D", "MASKS",
+    "MERGE_SUFFIX", "PAST", "PRESENT", "STAGING_SUFFIX", "TASK_SUFFIX", "adapter_model_version", "check_task_name",
+    "hot_template_path", "is_task_name", "journal_path", "labels_path", "merge_path", "own_names", "positions",
+    "staged_for", "staging_path", "task_file_paths", "task_files_beside",
 ]
