@@ -54,7 +54,8 @@ FAMILIES = {
     "mistral": Family("MistralForCausalLM", "MistralConfig", dict(_DECODER, num_key_value_heads=2),
                       ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"),
     # the fused export's families (onnxruntime-genai's builder: GroupQueryAttention on the CPU wants head size 16+)
-    "phi3": Family("Phi3ForCausalLM", "Phi3Config", dict(_FUSED, pad_token_id=0, original_max_position_embeddings=64),
+    "phi3": Family("Phi3ForCausalLM", "Phi3Config", dict(_FUSED, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                              original_max_position_embeddings=64),
                    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "CAUSAL_LM"),
     "gemma2": Family("Gemma2ForCausalLM", "Gemma2Config", dict(_FUSED, head_dim=16, query_pre_attn_scalar=16,
                                                                sliding_window=32),

@@ -193,7 +193,7 @@ def _done():
     return future
 
 
-def _builder_int4_of_merged(built: Built, task: str) -> Path:
+def _builder_int4_of_merged(built: Built, task: str, family: str = "llama") -> Path:
     """onnxruntime-genai's builder's int4 graph of ``task`` merged into the base by PEFT: what a user who
     merges runs."""
     import shutil
@@ -204,7 +204,7 @@ def _builder_int4_of_merged(built: Built, task: str) -> Path:
     if not (folder / "int4" / "model.onnx").is_file():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _peft(built, "llama")
+            model = _peft(built, family)
             model.set_adapter(task)
             model.merge_and_unload().save_pretrained(folder)
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -217,17 +217,15 @@ def _builder_int4_of_merged(built: Built, task: str) -> Path:
     return folder / "int4" / "model.onnx"
 
 
-def test_an_int4_hot_session_is_the_builders_int4_of_the_merged_model(llama, tmp_path):
-    """The int4 hot template merges a task's weights and quantizes them as the builder does: its int4 blocks
-    are the builder's for the PEFT-merged model, byte for byte (scales to float rounding), and
-    onnxruntime-genai on that merged model generates what the specialised session generates. Its logits are
-    not the factored graph's (it rounds W + ΔW, not W), so single-task streaks never specialise on their own."""
+def _assert_the_builders_int4_of_the_merged_model(built: Built, int4: Path, family: str, work: Path) -> VeraSession:
+    """The task 'beta' of the int4 hot template: its int4 blocks are the builder's for the PEFT-merged model,
+    byte for byte (scales to float rounding), and the specialised session generates what onnxruntime-genai
+    generates on that merged model."""
     import onnx_ir as ir
 
     from vera_runtime.files import MergePlan
 
-    built, _, int4 = llama
-    merged = _builder_int4_of_merged(built, "beta")
+    merged = _builder_int4_of_merged(built, "beta", family)
     session = _session(int4)
     plan = MergePlan(int4.with_name("model.hot.merge.safetensors"), session.contract)
     theirs = ir.load(merged).graph.initializers
@@ -237,16 +235,35 @@ def test_an_int4_hot_session_is_the_builders_int4_of_the_merged_model(llama, tmp
             np.testing.assert_array_equal(ours, expected, err_msg=name)
         else:
             np.testing.assert_allclose(ours, expected, rtol=1e-6, err_msg=name)
+    session.specialize("beta").result()
     prompt = [5, 17, 300, 42]
+    length = max(len(prompt) + NEW, session.contract.kv_shared_buffer)  # genai's cache holds a whole window
+    ours = session.generate(np.array([prompt]), task="beta", max_new_tokens=length - len(prompt), eos_token_id=[])
+    assert ours[0].tolist() == genai_generate(merged.parent, prompt, length, {"": ""}, work)[""]
+    return session
+
+
+def test_an_int4_hot_session_is_the_builders_int4_of_the_merged_model(llama, tmp_path):
+    """The int4 hot template merges a task's weights and quantizes them as the builder does (above). Its
+    logits are not the factored graph's (it rounds W + ΔW, not W), so single-task streaks never specialise
+    on their own: only `specialize` does."""
+    built, _, int4 = llama
+    session = _session(int4)
     for _ in range(10):
-        session.generate(np.array([prompt]), task="beta", max_new_tokens=1, eos_token_id=[])
+        session.generate(np.array([[5, 17, 300, 42]]), task="beta", max_new_tokens=1, eos_token_id=[])
     session._hot._pending.get("beta", _done()).result()
     assert session.hot == ()
-    session.specialize("beta").result()
+    session = _assert_the_builders_int4_of_the_merged_model(built, int4, "llama", tmp_path)
     assert session.hot == ("beta",)
-    ours = session.generate(np.array([prompt]), task="beta", max_new_tokens=NEW, eos_token_id=[])
-    genai = genai_generate(merged.parent, prompt, len(prompt) + NEW, {"": ""}, tmp_path)[""]
-    assert ours[0].tolist() == genai
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma2"])
+def test_int4_hot_templates_of_other_families_are_the_builders_merged_models(family, tmp_path):
+    """Qwen2 (biases beside q|k|v), Phi-3 (packed in the model; gate_up split by the builder) and Gemma 2 (every
+    projection, sliding windows)."""
+    built = _build(tmp_path, family)
+    _assert_the_builders_int4_of_the_merged_model(built, _export(built, "int4", hot_template=True), family, tmp_path)
 
 
 def test_a_tampered_merge_file_is_refused(llama, tmp_path):

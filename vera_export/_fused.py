@@ -4,10 +4,12 @@ VeRA branches grafted on — generation at the builder's speed, every task still
 
 1. Check the inputs.
 2. Run the builder on the base model (in its own Python), loading the base and adapters with PEFT meanwhile.
-3. Graft the VeRA branches onto its projections, with the contract (``_fused_graphs``).
-4. Check ONNX Runtime against PEFT for each task and a task per row, prefill and decode steps
+3. Meanwhile too, take from PyTorch what the graphs and checks need (the contract, every task's λ, PEFT's
+   logits), then release the PEFT model: the export never holds two copies of the weights.
+4. Graft the VeRA branches onto the builder's projections, with the contract (``_fused_graphs``).
+5. Check ONNX Runtime against PEFT for each task and a task per row, prefill and decode steps
    (``_verify_fused``).
-5. Publish the graph, genai_config.json, the tokenizer and every task's files as one set.
+6. Publish the graph, genai_config.json, the tokenizer and every task's files as one set.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
 from ._discover import find_vera_layers
 from ._errors import VeraExportError
 from ._export import ExportResult, _stage_task, current_task
-from ._fused_graphs import cache_layout, write_graphs
+from ._fused_graphs import cache_layout, from_torch, write_graphs
 from ._genai import stage_tokenizer_files
 from ._peft import PeftExportResult, PeftRoot, _read_all, load_peft_models, resolve_base
 from ._staging import Staging, check_writable
@@ -91,29 +93,32 @@ def export_fused(
             if adapted.heads:
                 raise VeraExportError("--fused exports causal LMs; these adapters train head layers: export"
                                       " without --fused.")
+            # 3. What the graphs and the checks need from PyTorch, then the PEFT model goes: never both copies.
+            source = from_torch(adapted, root, merge_weights=hot_template and precision == "int4")
+            tasks = _tasks(loaded.model, root, source.contract, [a.name for a in given.adapters])
+            refs = references(loaded.model, list(tasks), loaded.model.set_adapter,
+                              source.config.vocab_size) if verify else None
+            notes, layers, r = loaded.notes, len(adapted.layers), adapted.r
+            del loaded, root, adapted
+            gc.collect()
             built = build.result()
         finally:
             build.stop()
-        # 3. The VeRA branches on it, and the contract.
-        progress(f"Grafting {len(adapted.layers)} VeRA layers (r={adapted.r}) onto the builder's graph ...")
-        contract = write_graphs(built, out, scratch, adapted, root, precision, hot_template)
-        # 4. Every task, alone and one per row, against PEFT: PyTorch's part first, then without the PEFT model.
-        tasks = _tasks(loaded.model, root, contract, [a.name for a in given.adapters])
-        refs = references(loaded.model, list(tasks), loaded.model.set_adapter,
-                          contract.input_highs["input_ids"]) if verify else None
-        cache = (cache_layout(root.config), contract.kv_shared_buffer)
-        notes = loaded.notes
-        del loaded, root, adapted
-        gc.collect()
+        # 4. The VeRA branches on the builder's graph, and the contract.
+        progress(f"Grafting {layers} VeRA layers (r={r}) onto the builder's graph ...")
+        contract = write_graphs(built, out, scratch, source, next(iter(tasks.values())).tensors, precision,
+                                hot_template)
+        # 5. Every task, alone and one per row, against PEFT's references.
         verification = None
         if verify:
             progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
             template = scratch / hot_template_path(out).name if hot_template else None
             feeds = {name: {key: value[None] for key, value in task.tensors.items()} for name, task in tasks.items()}
             default = DEFAULT_TOLERANCE if precision == "fp32" else FORM_TOLERANCES[precision]
-            verification = verify_graphs(scratch / out.name, template, refs, feeds, cache, contract,
+            verification = verify_graphs(scratch / out.name, template, refs, feeds,
+                                         (cache_layout(source.config), contract.kv_shared_buffer), contract,
                                          tolerance or default)
-        # 5. The whole set, published at once.
+        # 6. The whole set, published at once.
         task_files = _stage_set(given.base, out, scratch, built.parent, list(tasks.values()), staging)
         staging.publish()
     first = given.adapters[0].name

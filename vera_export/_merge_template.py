@@ -10,6 +10,7 @@ delta in its place).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -33,18 +34,29 @@ _BLOCK = {"attn": "self_attn", "mlp": "mlp"}
 _MERGE_TOLERANCE = 1e-5  # float32 rounding of W + ΔW computed in another order than PEFT's
 
 
-def _weights(root: nn.Module, adapted: AdaptedModel | None) -> dict[tuple[str, str, str], torch.Tensor]:
-    """Each decoder projection's weight ``[out, in]`` by (layer, block, projection): the base model's, or
-    with ``adapted`` PEFT's merged weight of its task (``W + get_delta_weight``)."""
-    deltas = {layer.module: layer.module.get_delta_weight(adapted.task_name) for layer in adapted.layers} \
-        if adapted else {}
-    weights = {}
-    for name, module in root.named_modules():
-        linear = getattr(module, "base_layer", module)
-        if isinstance(linear, nn.Linear) and (match := _PEFT_NAME.search(name)):
-            weight = linear.weight.detach()
-            weights[match.groups()] = weight + deltas[module] if module in deltas else weight
-    return weights
+@dataclasses.dataclass(frozen=True)
+class ProjectionWeights:
+    """The weights ``[out, in]`` of every projection in a block (attention or MLP) with a VeRA layer, by
+    (layer, block, projection): the base model's, and with PEFT's delta of the exported task merged in.
+    Taken from PyTorch before the PEFT model is released (a packed q|k|v needs k too, adapted or not)."""
+
+    base: dict[tuple[str, str, str], np.ndarray]
+    merged: dict[tuple[str, str, str], np.ndarray]
+
+
+def projection_weights(root: nn.Module, adapted: AdaptedModel) -> ProjectionWeights:
+    adapted_modules = {layer.module for layer in adapted.layers}
+    blocks = {match.groups()[:2] for layer in adapted.layers if (match := _PEFT_NAME.search(layer.name))}
+    base, merged = {}, {}
+    with torch.no_grad():
+        for name, module in root.named_modules():
+            linear, match = getattr(module, "base_layer", module), _PEFT_NAME.search(name)
+            if isinstance(linear, nn.Linear) and match and match.groups()[:2] in blocks:
+                key = match.groups()
+                base[key] = linear.weight.detach().float().numpy().copy()
+                merged[key] = (base[key] + module.get_delta_weight(adapted.task_name).float().numpy()
+                               if module in adapted_modules else base[key])  # one delta at a time
+    return ProjectionWeights(base, merged)
 
 
 def builder_weight(weights: dict, node_name: str, widths: dict[str, int]) -> np.ndarray:
@@ -57,12 +69,12 @@ def builder_weight(weights: dict, node_name: str, widths: dict[str, int]) -> np.
     if (index, block, projection) in weights:
         rows = weights[index, block, projection]
     elif projection in _PACKED:
-        rows = torch.cat([weights[index, block, part] for part in _PACKED[projection]])
+        rows = np.concatenate([weights[index, block, part] for part in _PACKED[projection]])
     else:
         packed, parts = next((p, parts) for p, parts in _PACKED.items() if projection in parts)
         start = sum(widths[part] for part in parts[:parts.index(projection)])
         rows = weights[index, block, packed][start:start + widths[projection]]
-    return np.ascontiguousarray(rows.T.numpy(), dtype=np.float32)
+    return np.ascontiguousarray(rows.T, dtype=np.float32)
 
 
 def _plan_entry(node: ir.Node, fp32: str, group: list[Target]) -> dict:
@@ -88,24 +100,22 @@ def _check_base(node: ir.Node, weight: np.ndarray, block: int) -> None:
             " model family to vera-export.")
 
 
-def write_merge_template(template: ir.Model, targets: list[Target], root: nn.Module, adapted: AdaptedModel,
-                         contract: Contract, task: dict[str, np.ndarray], widths: dict[str, int], path) -> None:
+def write_merge_template(template: ir.Model, targets: list[Target], weights: ProjectionWeights,
+                         projections: tuple[np.ndarray, np.ndarray], contract: Contract, task: dict[str, np.ndarray],
+                         widths: dict[str, int], path) -> None:
     """Make ``template`` (the builder's int4 graph) the hot template of ``targets``' nodes and write its merge
-    file beside ``path`` (where the template will be saved); raises VeraExportError if a check fails."""
-    with torch.no_grad():
-        base, merged = _weights(root, None), _weights(root, adapted)
+    file beside ``path`` (where the template will be saved); ``projections``: ``vera_A``, ``vera_B``. Raises
+    VeraExportError if a check fails."""
     by_node: dict[str, list[Target]] = {}
     for target in targets:
         by_node.setdefault(target.node.name, []).append(target)
-    plan, tensors = [], {"vera_A": adapted.vera_a.detach().numpy().astype(np.float32),
-                         "vera_B": adapted.vera_b.detach().numpy().astype(np.float32)}
-    expected = {}
+    plan, tensors, expected = [], {"vera_A": projections[0], "vera_B": projections[1]}, {}
     for node_name, group in by_node.items():
         node, fp32 = group[0].node, f"fp32/{node_name}"
         entry = _plan_entry(node, fp32, group)
-        tensors[fp32] = builder_weight(base, node_name, widths)
+        tensors[fp32] = builder_weight(weights.base, node_name, widths)
         _check_base(node, tensors[fp32], entry["block_size"])
-        expected[entry["weight"]] = builder_weight(merged, node_name, widths)
+        expected[entry["weight"]] = builder_weight(weights.merged, node_name, widths)
         plan.append(entry)
     save_file(tensors, merge_path(path), metadata={KEY_MERGE: json.dumps(plan)})
     _check_merged(MergePlan(merge_path(path), contract), task, expected)
