@@ -5,6 +5,10 @@ The export records a SHA-256 of the template's bytes (and of its ``.data``) in t
 (``vera.hot_template_sha256``). A session hashes the template once, before it builds anything from it:
 an edited template, one from another graph, or a graph that records no digest is never served, and the
 session says so once (a warning) instead of rebuilding and failing again.
+
+A task's session replaces the template's task tensors with the task's, and ONNX Runtime folds ``W + ΔW``;
+a fused int4 graph's template instead has its adapted int4 weights replaced by the task's merged weights,
+quantized as onnxruntime-genai's builder quantizes (``_merge``).
 """
 
 from __future__ import annotations
