@@ -8,10 +8,12 @@ ONNX Runtime loads the graph (``verify_graphs``): the export never holds both co
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 from vera_runtime import Contract
@@ -99,12 +101,11 @@ def _task_checks(session, cache, refs: References, feeds: dict) -> tuple[list[Ch
     return checks, compare_outputs(f"{label} vs each task alone", got, _flat(_per_row(alone, order)))
 
 
-def _hot_session(template: Path, contract: Contract, task: dict[str, np.ndarray]):
-    """A session of the hot template with one task, built as the runtime builds it: the task's λ replace the
-    template's, or (int4) its merged weights, quantized, replace the builder's."""
+def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
+    """A session of the hot template with ``tensors`` replacing its initializers, built as the runtime
+    builds it (``add_external_initializers``: before ONNX Runtime optimises)."""
     import onnxruntime as ort
 
-    tensors = MergePlan(merge_path(template), contract).initializers(task) if merge_path(template).is_file() else task
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in tensors.values()]
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -114,28 +115,55 @@ def _hot_session(template: Path, contract: Contract, task: dict[str, np.ndarray]
     return session
 
 
+def _written_session(template: Path, tensors: dict[str, np.ndarray]):
+    """A session of a copy of the hot template with ``tensors`` written into it as its initializers."""
+    model = ir.load(template)
+    for name, array in tensors.items():
+        model.graph.initializers[name].const_value = ir.tensor(array, name=name)
+    with tempfile.TemporaryDirectory(dir=template.parent) as folder:
+        ir.save(model, Path(folder) / "written.onnx", external_data="written.onnx.data")
+        return ort_session(Path(folder) / "written.onnx")  # ONNX Runtime has read the weights
+
+
+def _hot_checks(template: Path, contract: Contract, cache, refs: References, feeds: dict, graph_steps: dict,
+                tokens: list[np.ndarray]) -> Verification:
+    """Float templates: each task's hot session against the graph. Merged int4 templates: each task's hot
+    session against a copy of the template with that task's merged weights written in — what the session
+    must be (its weights themselves were checked against the builder's quantization and PEFT's merge when
+    the template was written); against the graph or PyTorch it differs by int4 rounding, as the builder's
+    int4 build of the merged model does."""
+    if not merge_path(template).is_file():
+        return Verification(tuple(
+            compare_outputs(f"hot template, task '{name}', vs the graph",
+                            _flat(_ort_steps(_hot_session(template, f), cache, refs.ids, tokens, {})),
+                            _flat(graph_steps[name])) for name, f in feeds.items()), HOT_TOLERANCES["float32"])
+    plan, checks = MergePlan(merge_path(template), contract), []
+    for name, f in feeds.items():
+        tensors = plan.initializers(f)
+        written = _ort_steps(_written_session(template, tensors), cache, refs.ids, tokens, {})
+        checks.append(compare_outputs(f"hot template, task '{name}' merged, vs its weights written in the graph",
+                                      _flat(_ort_steps(_hot_session(template, tensors), cache, refs.ids, tokens, {})),
+                                      _flat(written)))
+    return Verification(tuple(checks), DEFAULT_TOLERANCE)
+
+
 def verify_graphs(graph: Path, template: Path | None, refs: References, feeds: dict[str, dict[str, np.ndarray]],
                   cache: tuple[CacheLayout, int], contract: Contract, tolerance: float) -> Verification:
     """Each task (``feeds``: its λ as ``[1, n]`` feeds) and a task per row against PyTorch (``tolerance``); a
     task per row against each task alone (the same arithmetic: ``DEFAULT_TOLERANCE``); and the first two
-    tasks' hot sessions (``template``), each built after the graph's session is released: against the graph
-    (``HOT_TOLERANCES``), or when they merge int4 weights (rounding ``W + ΔW``, not ``W``) against PyTorch
-    as the graph is (``tolerance``). Raises VeraExportError when a check fails."""
+    tasks' hot sessions (``template``, ``_hot_checks``), each built after the graph's session is released.
+    Raises VeraExportError when a check fails."""
     session = ort_session(graph)
     checks, rows = _task_checks(session, cache, refs, feeds)
     hot_feeds = dict(list(feeds.items())[:_HOT_CHECKS]) if template is not None else {}
-    merges = template is not None and merge_path(template).is_file()
-    tokens = {name: refs.tokens[name if merges else next(iter(feeds))] for name in hot_feeds}
-    expected = {name: refs.logits[name] if merges else _ort_steps(session, cache, refs.ids, tokens[name], f)
-                for name, f in hot_feeds.items()}
+    tokens = refs.tokens[next(iter(feeds))]
+    graph_steps = {name: _ort_steps(session, cache, refs.ids, tokens, f) for name, f in hot_feeds.items()
+                   if not merge_path(template).is_file()}
     del session
     if rows is not None:
         _require_pass(Verification((rows,), DEFAULT_TOLERANCE))
-    against = "PyTorch" if merges else "the graph"
-    hot = [compare_outputs(f"hot template, task '{name}', vs {against}",
-                           _flat(_ort_steps(_hot_session(template, contract, f), cache, refs.ids, tokens[name], {})),
-                           _flat(expected[name])) for name, f in hot_feeds.items()]
-    if hot:
-        _require_pass(Verification(tuple(hot), tolerance if merges else HOT_TOLERANCES[contract.weight_dtype]))
+    hot = _hot_checks(template, contract, cache, refs, hot_feeds, graph_steps, tokens) if hot_feeds else None
+    if hot is not None:
+        _require_pass(hot)
     _require_pass(Verification(tuple(checks), tolerance))
-    return Verification((*checks, *filter(None, [rows]), *hot), tolerance)
+    return Verification((*checks, *filter(None, [rows]), *(hot.checks if hot else ())), tolerance)
