@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from vera_runtime.files import load_file_bounded
-from vera_runtime.layout import GENAI_CONFIG, hot_template_path, task_file_paths
+from typing import TYPE_CHECKING
 
 from ._builder import BUILDER_VERSION, PRECISIONS, Build, builder_python, check_base
-from ._defaults import DEFAULT_TOLERANCE, FORM_TOLERANCES
-from ._discover import find_vera_layers
 from ._errors import VeraExportError
-from ._export import ExportResult, _stage_task, current_task
-from ._fused_graphs import cache_layout, from_torch, write_graphs
-from ._genai import stage_tokenizer_files
-from ._peft import PeftExportResult, PeftRoot, _read_all, load_peft_models, resolve_base
+from ._peft_adapters import read_all, resolve_base
 from ._staging import Staging, check_writable
-from ._verify_fused import references, verify_graphs
+
+if TYPE_CHECKING:
+    from ._peft import PeftExportResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +41,7 @@ class _Inputs:
 def _check(adapters: dict, base, builder, out: Path, precision: str) -> _Inputs:
     if precision not in PRECISIONS:
         raise VeraExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} (--fused fp32|int4).")
-    read = _read_all(adapters)
+    read = read_all(adapters)
     base_path = resolve_base(base, read[0])
     check_writable(out, (*(a.path for a in read), base_path))
     check_base(base_path)
@@ -87,62 +81,25 @@ def export_fused(
                  f" loading the base model and {len(given.adapters)} adapter(s) ...")
         build = Build(given.builder, given.base, scratch / "built", precision, scratch / "cache")
         try:
-            loaded = load_peft_models(given.adapters, given.base, model_class)
-            root = PeftRoot(loaded.model)
-            adapted = find_vera_layers(root, given.adapters[0].name)
-            if adapted.heads:
-                raise VeraExportError("--fused exports causal LMs; these adapters train head layers: export"
-                                      " without --fused.")
+            from . import _fused_steps as steps  # torch's import, once the builder runs: it hides ~1.5 s
+
             # 3. What the graphs and the checks need from PyTorch, then the PEFT model goes: never both copies.
-            source = from_torch(adapted, root, merge_weights=hot_template and precision == "int4")
-            tasks = _tasks(loaded.model, root, source.contract, [a.name for a in given.adapters])
-            refs = references(loaded.model, list(tasks), loaded.model.set_adapter,
-                              source.config.vocab_size) if verify else None
-            notes, layers, r = loaded.notes, len(adapted.layers), adapted.r
-            del loaded, root, adapted
+            taken = steps.take_from_peft(given.adapters, given.base, model_class,
+                                         merge_weights=hot_template and precision == "int4", verify=verify)
             gc.collect()
             built = build.result()
         finally:
             build.stop()
         # 4. The VeRA branches on the builder's graph, and the contract.
-        progress(f"Grafting {layers} VeRA layers (r={r}) onto the builder's graph ...")
-        contract = write_graphs(built, out, scratch, source, next(iter(tasks.values())).tensors, precision,
-                                hot_template)
+        progress(f"Grafting {taken.layers} VeRA layers (r={taken.r}) onto the builder's graph ...")
+        default_task = next(iter(taken.tasks.values())).tensors
+        contract = steps.write_graphs(built, out, scratch, taken.source, default_task, precision, hot_template)
         # 5. Every task, alone and one per row, against PEFT's references.
         verification = None
         if verify:
             progress("Verifying ONNX Runtime against PEFT (each task, a task per row; prefill and decode) ...")
-            template = scratch / hot_template_path(out).name if hot_template else None
-            feeds = {name: {key: value[None] for key, value in task.tensors.items()} for name, task in tasks.items()}
-            default = DEFAULT_TOLERANCE if precision == "fp32" else FORM_TOLERANCES[precision]
-            verification = verify_graphs(scratch / out.name, template, refs, feeds,
-                                         (cache_layout(source.config), contract.kv_shared_buffer), contract,
-                                         tolerance or default)
+            verification = steps.verify(out, scratch, taken, contract, hot_template, tolerance, precision)
         # 6. The whole set, published at once.
-        task_files = _stage_set(given.base, out, scratch, built.parent, list(tasks.values()), staging)
+        task_files = steps.stage_set(given.base, out, scratch, built.parent, list(taken.tasks.values()), staging)
         staging.publish()
-    first = given.adapters[0].name
-    result = ExportResult(out, *task_file_paths(out, first), contract, verification, time.perf_counter() - start)
-    return PeftExportResult(result, tuple(task_files), notes)
-
-
-def _tasks(model, root: PeftRoot, contract, names: list[str]) -> dict:
-    """Every adapter as a task of the graph (its λ), the default task first."""
-    tasks = {}
-    for name in names:
-        model.set_adapter(name)
-        tasks[name] = current_task(find_vera_layers(root, name), contract)
-    model.set_adapter(names[0])
-    return tasks
-
-
-def _stage_set(base: Path, out: Path, scratch: Path, built: Path, tasks: list, staging: Staging) -> list[Path]:
-    """The graphs written in ``scratch``, genai_config.json, the tokenizer and every task's files."""
-    for written in sorted(scratch.iterdir()):
-        if written.is_file():
-            os.replace(written, staging.path(out.with_name(written.name)))
-    config = load_file_bounded(built / GENAI_CONFIG)  # the builder's: it describes its graph
-    config["model"]["decoder"]["filename"] = out.name
-    staging.path(out.with_name(GENAI_CONFIG)).write_text(json.dumps(config, indent=2) + "\n")
-    stage_tokenizer_files(out, base, staging)
-    return [_stage_task(task, out, staging)[0] for task in tasks]
+    return steps.result(out, taken, contract, verification, time.perf_counter() - start, task_files)

@@ -57,7 +57,8 @@ def load(source: Path, graph, base, model_class: str | None, trust_pickle: bool)
 def from_peft_folder(folder: Path, base, model_class: str | None, name: str = "default"):
     """A PEFT VeRA folder over its base: the LoRA keeps its config (targets, heads, bias, fan_in_fan_out)."""
     from ._hf_inputs import default_input_specs
-    from ._peft import load_base, load_peft_models, resolve_base
+    from ._peft import load_base, load_peft_models
+    from ._peft_adapters import resolve_base
     from ._peft_class import choose_class
 
     adapter = read_adapter(name, folder)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from vera_runtime.files import read_labels
-from vera_runtime.layout import check_task_name
 
 from ._errors import VeraExportError
 from ._export import ExportResult, add_task, export, read_contract, stage_task
@@ -26,7 +25,7 @@ from ._genai import stage_genai_files, stage_tokenizer_files
 from ._hf_inputs import default_input_specs
 from ._kv_cache import CachedCausalLM
 from ._labels import stage_labels, task_labels
-from ._peft_adapters import CONFIG, Adapter, check_compatible, projection_notes, read_adapter
+from ._peft_adapters import Adapter, check_compatible, projection_notes, read_all, resolve_base
 from ._peft_class import BaseClass, choose_class
 from ._staging import Staging
 
@@ -38,24 +37,6 @@ class PeftModels:
     model: nn.Module
     adapters: tuple[Adapter, ...]
     notes: tuple[str, ...]
-
-
-def resolve_base(base: str | os.PathLike | None, adapter: Adapter) -> Path:
-    if base is not None:
-        path = Path(base)
-    else:
-        named = adapter.config.get("base_model_name_or_path")
-        if not named or not Path(named).is_dir():
-            raise VeraExportError(
-                f"{adapter.path}/{CONFIG} names base model {named!r}, which is not a local folder:"
-                " pass the base model's folder with --base."
-            )
-        path = Path(named)
-    if not path.is_dir():
-        raise VeraExportError(f"base model folder {path} does not exist: give the folder with --base.")
-    if not (path / "config.json").is_file():
-        raise VeraExportError(f"base model folder {path} has no config.json: give a transformers model folder.")
-    return path
 
 
 def load_base(path: Path, chosen: BaseClass) -> nn.Module:
@@ -139,13 +120,6 @@ class PeftExportResult:
     notes: tuple[str, ...]
 
 
-def _read_all(adapters: dict[str, str | os.PathLike]) -> list[Adapter]:
-    read = [read_adapter(check_task_name(name), path) for name, path in adapters.items()]
-    if not read:
-        raise VeraExportError("no adapter folder given.")
-    return read
-
-
 def export_peft(
     adapters: dict[str, str | os.PathLike],
     out: str | os.PathLike,
@@ -165,7 +139,7 @@ def export_peft(
     ``kv_cache`` (causal LMs): the graph takes and returns the KV cache, for generation, and
     ``genai_config.json`` plus the base folder's tokenizer files are written beside it.
     """
-    read = _read_all(adapters)
+    read = read_all(adapters)
     progress(f"Loading the base model and {len(read)} adapter(s) ...")
     loaded = load_peft_models(read, base, model_class)
     root: nn.Module = PeftRoot(loaded.model)
@@ -215,7 +189,7 @@ def add_peft_task(
     Returns the task file and the ``.onnx_adapter`` paths.
     """
     read_contract(graph)  # a missing or foreign graph fails before the model loads
-    read = _read_all({task_name: adapter_dir})
+    read = read_all({task_name: adapter_dir})
     loaded = load_peft_models(read, base, model_class)
     reads = (Path(adapter_dir), resolve_base(base, read[0]))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vera_runtime.files import read_adapter_config
+from vera_runtime.layout import check_task_name
 
 from ._errors import VeraExportError
 
@@ -155,3 +156,28 @@ def projection_notes(adapters: list[Adapter]) -> list[str]:
                     " recipe: the graph uses the stored ones."
                 )
     return notes
+
+
+def read_all(adapters: dict[str, str | os.PathLike]) -> list[Adapter]:
+    read = [read_adapter(check_task_name(name), path) for name, path in adapters.items()]
+    if not read:
+        raise VeraExportError("no adapter folder given.")
+    return read
+
+
+def resolve_base(base: str | os.PathLike | None, adapter: Adapter) -> Path:
+    if base is not None:
+        path = Path(base)
+    else:
+        named = adapter.config.get("base_model_name_or_path")
+        if not named or not Path(named).is_dir():
+            raise VeraExportError(
+                f"{adapter.path}/{CONFIG} names base model {named!r}, which is not a local folder:"
+                " pass the base model's folder with --base."
+            )
+        path = Path(named)
+    if not path.is_dir():
+        raise VeraExportError(f"base model folder {path} does not exist: give the folder with --base.")
+    if not (path / "config.json").is_file():
+        raise VeraExportError(f"base model folder {path} has no config.json: give a transformers model folder.")
+    return path
