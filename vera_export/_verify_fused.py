@@ -17,7 +17,7 @@ import onnx_ir as ir
 import torch
 
 from vera_runtime import Contract
-from vera_runtime.files import MergePlan
+from vera_runtime.files import MergePlan, replace_initializers
 from vera_runtime.layout import CacheLayout, merge_path
 
 from ._agreement import Check, compare_outputs
@@ -103,13 +103,13 @@ def _task_checks(session, cache, refs: References, feeds: dict) -> tuple[list[Ch
 
 def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
     """A session of the hot template with ``tensors`` replacing its initializers, built as the runtime
-    builds it (``add_external_initializers``: before ONNX Runtime optimises)."""
+    builds it."""
     import onnxruntime as ort
 
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in tensors.values()]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.add_external_initializers(list(tensors), values)
+    replace_initializers(options, tensors, values, merged=merge_path(template).is_file())
     session = ort.InferenceSession(str(template), options, providers=["CPUExecutionProvider"])
     session.vera_values = values  # ORT does not own external initializers: keep them as long as the session
     return session

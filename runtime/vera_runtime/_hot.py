@@ -98,6 +98,18 @@ class HotTemplate:
         return None
 
 
+def replace_initializers(options: ort.SessionOptions, tensors: dict, values: list, merged: bool) -> None:
+    """Give a hot session its task's tensors. λ go in as external initializers, which ONNX Runtime takes
+    before it optimises, so ``W + ΔW`` folds into one constant (values given with ``add_initializer`` come
+    too late for that). A merge template's int4 weights need no folding: ``add_initializer`` runs them at
+    the builder graph's speed, where external ones ran 6–12% slower (two runs, a 125M Qwen2, batch 1)."""
+    if merged:
+        for name, value in zip(tensors, values, strict=True):
+            options.add_initializer(name, value)
+    else:
+        options.add_external_initializers(list(tensors), values)
+
+
 _HOT_AFTER = 8  # consecutive single-task calls before a task is specialised: alternating tasks don't thrash
 _INHERITED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
@@ -193,8 +205,7 @@ class HotTasks:
             tensors = self._initializers(task)
             values = [ort.OrtValue.ortvalue_from_numpy(array) for array in tensors.values()]
             options = self._session_options()
-            # Replaced before ORT optimises (unlike add_initializer): W + ΔW folds into one constant.
-            options.add_external_initializers(list(tensors), values)
+            replace_initializers(options, tensors, values, merged=self.template.merges())
             session = ort.InferenceSession(str(self.template.path), options, providers=["CPUExecutionProvider"])
             with self._lock:
                 if self._store.current(task.name) is task and self.capacity:  # not unloaded, replaced or closed

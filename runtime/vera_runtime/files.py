@@ -11,12 +11,13 @@
   ``read_labels`` / ``check_labels`` (a classifier's label names per task, ``<stem>.labels.json``),
   ``read_task_fingerprint`` (a task file's header only), ``adapter_size_limit``, ``template_digest``
   (what binds a hot template to its graph), ``MergePlan`` / ``quantize_int4`` (a merged int4 hot template's
-  weights for one task, quantized as onnxruntime-genai's builder quantizes);
+  weights for one task, quantized as onnxruntime-genai's builder quantizes), ``replace_initializers`` (how a
+  hot session is given them);
 - ``printable``: a string from a file or a request as a terminal or a message may show it.
 """
 
 from ._errors import printable
-from ._hot import template_digest
+from ._hot import replace_initializers, template_digest
 from ._io import (
     atomic_path,
     atomic_write_bytes,
@@ -38,5 +39,5 @@ __all__ = [
     "LabelsError", "MergePlan", "adapter_size_limit", "check_labels", "atomic_path", "atomic_write_bytes",
     "file_problem", "finish_publish", "load_any_task", "load_file_bounded", "loads_bounded", "pending_journal",
     "printable", "publish", "read_adapter_config", "read_labels", "read_task_fingerprint", "refuse_overwriting",
-    "quantize_int4", "remove_stale_staging", "same_file", "signals_deferred", "template_digest",
+    "quantize_int4", "remove_stale_staging", "replace_initializers", "same_file", "signals_deferred", "template_digest",
 ]
