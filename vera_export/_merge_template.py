@@ -119,7 +119,7 @@ def write_merge_template(template: ir.Model, targets: list[Target], weights: Pro
         plan.append(entry)
     save_file(tensors, merge_path(path), metadata={KEY_MERGE: json.dumps(plan)})
     _check_merged(MergePlan(merge_path(path), contract), task, expected)
-    # the replaced initializers must live in the template's .data for a session to replace them
+    # the initializers a session replaces, saved in the template's .data with the other weights
     template.metadata_props[_passes.HOT_TEMPLATE_KEY] = json.dumps(
         [name for entry in plan for name in (entry["weight"], entry["scales"])])
 
