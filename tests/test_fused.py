@@ -330,7 +330,7 @@ def test_an_int4_hot_session_that_does_not_take_its_weights_fails_the_export(lla
 
     built = llama[0]
     real = _verify_fused._hot_session
-    monkeypatch.setattr(_verify_fused, "_hot_session", lambda template, tensors: real(template, {}))
+    monkeypatch.setattr(_verify_fused, "_hot_session", lambda template, tensors, merges: real(template, {}, merges))
     with pytest.raises(VeraExportError, match="task '(alpha|beta)' merged, vs its weights written in the graph"):
         _export(built, "int4", name="untaken", hot_template=True)
     assert not list((built.root / "untaken-int4").iterdir())

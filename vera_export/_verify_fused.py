@@ -27,7 +27,7 @@ from ._verify import Verification, ort_session
 
 _BATCH, _PROMPT, _DECODE_STEPS = 2, 6, 3
 # The float hot template folds W + ΔW where the graph adds ΔW·x: float32 rounding apart.
-HOT_TOLERANCES = {"float32": DEFAULT_TOLERANCE}
+_HOT_TOLERANCE = DEFAULT_TOLERANCE
 # The template's structure is the same for every task: the default task and one other (whose λ must
 # replace the template's) check it; each hot session holds a copy of the weights and takes seconds.
 _HOT_CHECKS = 2
@@ -101,7 +101,7 @@ def _task_checks(session, cache, refs: References, feeds: dict) -> tuple[list[Ch
     return checks, compare_outputs(f"{label} vs each task alone", got, _flat(_per_row(alone, order)))
 
 
-def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
+def _hot_session(template: Path, tensors: dict[str, np.ndarray], merges: bool):
     """A session of the hot template with ``tensors`` replacing its initializers, built as the runtime
     builds it."""
     import onnxruntime as ort
@@ -109,7 +109,7 @@ def _hot_session(template: Path, tensors: dict[str, np.ndarray]):
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in tensors.values()]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    replace_initializers(options, tensors, values, merged=merge_path(template).is_file())
+    replace_initializers(options, tensors, values, merged=merges)
     session = ort.InferenceSession(str(template), options, providers=["CPUExecutionProvider"])
     session.vera_values = values  # ORT does not own external initializers: keep them as long as the session
     return session
@@ -125,24 +125,25 @@ def _written_session(template: Path, tensors: dict[str, np.ndarray]):
         return ort_session(Path(folder) / "written.onnx")  # ONNX Runtime has read the weights
 
 
-def _hot_checks(template: Path, contract: Contract, cache, refs: References, feeds: dict, graph_steps: dict,
-                tokens: list[np.ndarray]) -> Verification:
+def _hot_checks(template: Path, merges: bool, contract: Contract, cache, refs: References, feeds: dict,
+                graph_steps: dict, tokens: list[np.ndarray]) -> Verification:
     """Float templates: each task's hot session against the graph. Merged int4 templates: each task's hot
     session against a copy of the template with that task's merged weights written in — what the session
     must be (its weights themselves were checked against the builder's quantization and PEFT's merge when
     the template was written); against the graph or PyTorch it differs by int4 rounding, as the builder's
     int4 build of the merged model does."""
-    if not merge_path(template).is_file():
+    if not merges:
         return Verification(tuple(
             compare_outputs(f"hot template, task '{name}', vs the graph",
-                            _flat(_ort_steps(_hot_session(template, f), cache, refs.ids, tokens, {})),
-                            _flat(graph_steps[name])) for name, f in feeds.items()), HOT_TOLERANCES["float32"])
+                            _flat(_ort_steps(_hot_session(template, f, merges), cache, refs.ids, tokens, {})),
+                            _flat(graph_steps[name])) for name, f in feeds.items()), _HOT_TOLERANCE)
     plan, checks = MergePlan(merge_path(template), contract), []
     for name, f in feeds.items():
         tensors = plan.initializers(f)
         written = _ort_steps(_written_session(template, tensors), cache, refs.ids, tokens, {})
         checks.append(compare_outputs(f"hot template, task '{name}' merged, vs its weights written in the graph",
-                                      _flat(_ort_steps(_hot_session(template, tensors), cache, refs.ids, tokens, {})),
+                                      _flat(_ort_steps(_hot_session(template, tensors, merges), cache, refs.ids,
+                                                       tokens, {})),
                                       _flat(written)))
     return Verification(tuple(checks), DEFAULT_TOLERANCE)
 
@@ -156,13 +157,14 @@ def verify_graphs(graph: Path, template: Path | None, refs: References, feeds: d
     session = ort_session(graph)
     checks, rows = _task_checks(session, cache, refs, feeds)
     hot_feeds = dict(list(feeds.items())[:_HOT_CHECKS]) if template is not None else {}
+    merges = template is not None and merge_path(template).is_file()
     tokens = refs.tokens[next(iter(feeds))]
-    graph_steps = {name: _ort_steps(session, cache, refs.ids, tokens, f) for name, f in hot_feeds.items()
-                   if not merge_path(template).is_file()}
+    graph_steps = {} if merges else {name: _ort_steps(session, cache, refs.ids, tokens, f)
+                                     for name, f in hot_feeds.items()}
     del session
     if rows is not None:
         _require_pass(Verification((rows,), DEFAULT_TOLERANCE))
-    hot = _hot_checks(template, contract, cache, refs, hot_feeds, graph_steps, tokens) if hot_feeds else None
+    hot = _hot_checks(template, merges, contract, cache, refs, hot_feeds, graph_steps, tokens) if hot_feeds else None
     if hot is not None:
         _require_pass(hot)
     _require_pass(Verification(tuple(checks), tolerance))

@@ -142,7 +142,7 @@ class HotTasks:
         self._contract = contract
         self._plan: MergePlan | None = None
         # a merged int4 session rounds W + ΔW, not W: its logits are not the graph's, so only when asked
-        self._automatic = not self.template.merges()
+        self._merges = self.template.merges()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -170,7 +170,7 @@ class HotTasks:
                 return hot
             streak = self._streak[1] + 1 if self._streak[0] == task else 1
             self._streak = (task, streak)
-            if (streak >= _HOT_AFTER and self._automatic and current is not None and self.template.exists()
+            if (streak >= _HOT_AFTER and not self._merges and current is not None and self.template.exists()
                     and not self.template.refused()):
                 self._schedule(current)
         return None
@@ -205,7 +205,7 @@ class HotTasks:
             tensors = self._initializers(task)
             values = [ort.OrtValue.ortvalue_from_numpy(array) for array in tensors.values()]
             options = self._session_options()
-            replace_initializers(options, tensors, values, merged=self.template.merges())
+            replace_initializers(options, tensors, values, merged=self._merges)
             session = ort.InferenceSession(str(self.template.path), options, providers=["CPUExecutionProvider"])
             with self._lock:
                 if self._store.current(task.name) is task and self.capacity:  # not unloaded, replaced or closed
@@ -218,7 +218,7 @@ class HotTasks:
 
     def _initializers(self, task: LoadedTask) -> dict:
         """What replaces the template's initializers: the task's λ, or (merge templates) its merged weights."""
-        if not self.template.merges():
+        if not self._merges:
             return task.feeds
         if self._plan is None:  # read once, after the digest check
             self._plan = MergePlan(merge_path(self.template.path), self._contract)
